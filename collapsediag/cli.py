@@ -1,0 +1,152 @@
+"""Command line: ``collapsediag run | report | demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import shutil
+import sys
+from typing import Any
+
+from .errors import CollapseDiagError
+
+log = logging.getLogger("collapsediag")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_hparams(pairs: list[str], layers: list[int] | None) -> dict[str, Any]:
+    """``key=value`` overrides (values parsed as JSON when they can be), plus ``--layers``."""
+    hp: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CollapseDiagError(f"--hparam expects key=value, got {pair!r}")
+        hp[key.strip()] = _value(value)
+    if layers:
+        if len(layers) != 1:
+            raise CollapseDiagError("rome and r-rome edit one layer: give one --layers value")
+        hp["layer"] = layers[0]
+    return hp
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``collapsediag run``: a sequential editing run saved to --out."""
+    from .data import load_data
+    from .editors import get_editor
+    from .models import load_model
+    from .session import EditSession
+    from .stats import StatsCache, TextCorpus
+    from .store import load_run
+    from .report import format_report
+
+    if args.mode != "sequential":
+        raise CollapseDiagError(f"mode {args.mode!r} is not available yet for {args.editor}: use sequential")
+    records = load_data(args.data, args.n_edits)
+    editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers))
+    model, tok = load_model(args.model)
+    corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
+    session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
+                          cache=StatsCache(args.cache_dir), seed=args.seed,
+                          config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
+                                  "batch_size": 1})
+    session.run(records)
+    print(format_report([load_run(args.out)]))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """``collapsediag report DIR [DIR ...]``."""
+    from .report import format_report
+    from .store import load_run
+
+    print(format_report([load_run(d) for d in args.dirs]))
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """``collapsediag demo``: sequential ROME vs r-ROME on the embedded model and the own fact set."""
+    from .data import own_facts
+    from .editors import get_editor
+    from .models import load_model
+    from .report import format_report
+    from .session import EditSession
+    from .stats import StatsCache, TextCorpus
+    from .store import load_run
+
+    out = pathlib.Path(args.out)
+    model, tok = load_model("smollm2-135m")
+    records = own_facts(args.n_edits)
+    cache = StatsCache(args.cache_dir)
+    runs = []
+    templates = None
+    for name in ("rome", "r-rome"):
+        run_dir = out / name
+        if (run_dir / "edits.jsonl").exists():
+            shutil.rmtree(run_dir)
+        session = EditSession(model, tok, get_editor(name), out=run_dir, corpus=TextCorpus.packaged(),
+                              stats_tokens=args.stats_tokens, cache=cache, seed=args.seed, templates=templates,
+                              config={"data": "own", "n_edits": len(records), "mode": "sequential",
+                                      "batch_size": 1})
+        templates = session.env.templates
+        session.run(records)
+        session.restore()
+        runs.append(load_run(run_dir))
+    print(format_report(runs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="collapsediag", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a sequence of edits and save every signal")
+    r.add_argument("--model", default="smollm2-135m", help="HF name or path, or smollm2-135m (embedded)")
+    r.add_argument("--editor", required=True, help="rome | r-rome")
+    r.add_argument("--data", required=True, help="counterfact:PATH, facts:PATH or own")
+    r.add_argument("--n-edits", type=int, default=None)
+    r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"])
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--layers", type=int, nargs="+", default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True)
+    r.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--stats-corpus", default=None, help="text file for C = E[kkᵀ] (default: packaged corpus)")
+    r.add_argument("--stats-tokens", type=int, default=100_000)
+    r.add_argument("--cache-dir", default=None, help="statistics cache (default ~/.cache/collapsediag)")
+    r.set_defaults(func=run_command)
+
+    rp = sub.add_parser("report", help="summary table and failed edits of saved runs")
+    rp.add_argument("dirs", nargs="+")
+    rp.set_defaults(func=report_command)
+
+    d = sub.add_parser("demo", help="ROME vs r-ROME on the embedded model")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--n-edits", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--stats-tokens", type=int, default=100_000)
+    d.add_argument("--cache-dir", default=None)
+    d.set_defaults(func=demo_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``collapsediag`` command."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CollapseDiagError as exc:
+        print(f"collapsediag: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Editing methods, registered by name."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CollapseDiagError
+from .base import AppliedDeltas, Delta, EditEnv, Editor, HParams, apply_deltas
+from .rome import Rome, RomeHParams, RRome
+
+EDITORS: dict[str, type] = {"rome": Rome, "r-rome": RRome}
+
+
+def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
+    """An editor instance by registry name, with hyper-parameters from a dict."""
+    try:
+        cls = EDITORS[name]
+    except KeyError:
+        raise CollapseDiagError(f"unknown editor {name!r}; known: {sorted(EDITORS)}") from None
+    hp = cls.HParams.from_dict(hparams or {})
+    return cls(hp)
+
+
+__all__ = ["EDITORS", "AppliedDeltas", "Delta", "EditEnv", "Editor", "HParams", "Rome", "RomeHParams",
+           "RRome", "apply_deltas", "get_editor"]

@@ -1,0 +1,120 @@
+"""Updates as low-rank factors, applied and reverted separately from computing them.
+
+Computing an update never changes the model. ``apply_deltas`` writes it (orientation taken
+from the module type: GPT-2's Conv1D stores Wᵀ) and returns a handle that restores the
+weights bitwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from ..arch import ArchSpec, get_module, weight_matrix
+from ..errors import CollapseDiagError
+from ..recorder import Recorder
+from ..requests import EditRequest
+from ..stats import LayerStats
+
+
+@dataclass
+class Delta:
+    """ΔW = left @ rightᵀ for the module ``module`` (Linear convention, [d_out, d_in])."""
+
+    module: str
+    layer: int
+    left: torch.Tensor  # [d_out, r]
+    right: torch.Tensor  # [d_in, r]
+
+    def dense(self) -> torch.Tensor:
+        """The full update matrix [d_out, d_in]."""
+        return self.left @ self.right.T
+
+    def is_finite(self) -> bool:
+        """True when both factors are finite."""
+        return bool(torch.isfinite(self.left).all() and torch.isfinite(self.right).all())
+
+
+class AppliedDeltas:
+    """Handle on applied updates; ``revert()`` restores the saved weights bitwise."""
+
+    def __init__(self, model: nn.Module, deltas: list[Delta]) -> None:
+        self.saved: dict[str, torch.Tensor] = {}
+        self.modules: dict[str, nn.Module] = {}
+        for d in deltas:
+            if d.module not in self.saved:
+                mod = get_module(model, d.module)
+                self.modules[d.module] = mod
+                self.saved[d.module] = mod.weight.detach().clone()
+        with torch.no_grad():
+            for d in deltas:
+                w = weight_matrix(self.modules[d.module])
+                upd = d.dense().to(dtype=w.dtype, device=w.device)
+                if upd.shape != w.shape:
+                    raise CollapseDiagError(f"update for {d.module} has shape {tuple(upd.shape)}, "
+                                            f"weight is {tuple(w.shape)} (Linear convention)")
+                w += upd
+
+    def revert(self) -> None:
+        """Put the weights back exactly as they were."""
+        with torch.no_grad():
+            for name, w in self.saved.items():
+                self.modules[name].weight.copy_(w)
+
+    def __enter__(self) -> "AppliedDeltas":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.revert()
+
+
+def apply_deltas(model: nn.Module, deltas: list[Delta]) -> AppliedDeltas:
+    """Add every update to its weight in place; use the result (or ``with``) to revert."""
+    return AppliedDeltas(model, deltas)
+
+
+@dataclass
+class HParams:
+    """Base of every editor's hyper-parameters: a typed dataclass, unknown keys rejected."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HParams":
+        """Build from a dict, rejecting keys the dataclass does not define."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CollapseDiagError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EditEnv:
+    """What an editor needs besides the model: architecture, key statistics, context templates."""
+
+    arch: ArchSpec
+    stats: dict[int, LayerStats]
+    templates: list[str]
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Editor(Protocol):
+    """An editing method: ``compute`` returns updates and leaves the model unchanged."""
+
+    name: ClassVar[str]
+    single_edit_only: ClassVar[bool]
+    hparams: HParams
+
+    def layers(self) -> list[int]:
+        """Layers whose rewrite module the method edits."""
+
+    def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
+                rec: Recorder) -> list[Delta]:
+        """Updates for ``requests``; diagnostics go to ``rec``."""

@@ -1,0 +1,56 @@
+"""Keys (inputs) and values (outputs) of the rewrite module at the subject's last token."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..hooks import Trace
+from ..requests import EditRequest
+from ..tokens import encode, pad_batch, subject_span
+
+
+@dataclass
+class KeySet:
+    """Per-template keys and values at the subject's last token (template 0 = unprefixed)."""
+
+    keys: torch.Tensor  # [n_templates, d_in]
+    values: torch.Tensor  # [n_templates, d_out]
+
+    @property
+    def unprefixed(self) -> torch.Tensor:
+        """k_u: the key of the prompt without any prefix."""
+        return self.keys[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """k̄: the key averaged over every template."""
+        return self.keys.mean(0)
+
+    @property
+    def prefixed_mean(self) -> torch.Tensor:
+        """Mean key over the prefixed templates only."""
+        return self.keys[1:].mean(0) if len(self.keys) > 1 else self.keys[0]
+
+
+def subject_prompts(req: EditRequest, templates: list[str]) -> list[str]:
+    """Prompt templates (with ``{}`` for the subject) under each context template."""
+    return [t.format(req.prompt) for t in templates]
+
+
+def keys_at_subject(model: nn.Module, tok: object, module: str, req: EditRequest,
+                    templates: list[str]) -> KeySet:
+    """One batched forward over every template; returns the module's input/output at the subject."""
+    device = next(model.parameters()).device
+    prompts = subject_prompts(req, templates)
+    seqs, idx = [], []
+    for p in prompts:
+        seqs.append(encode(tok, p.format(req.subject)))
+        idx.append(subject_span(tok, p, req.subject, req.case_id).last)
+    ids, mask = pad_batch(tok, seqs, device)
+    rows = torch.arange(len(seqs), device=device)
+    cols = torch.tensor(idx, device=device)
+    with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=True, stop=True) as tr:
+        model(input_ids=ids, attention_mask=mask)
+    return KeySet(keys=tr.input[rows, cols].clone(), values=tr.output[rows, cols].clone())

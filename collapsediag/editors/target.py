@@ -1,0 +1,140 @@
+"""The target optimisation shared by every editor: find δ so that h + δ makes the model say target_new.
+
+Loss = mean over prefixed prompts of the per-token NLL of the target
+     + kl_factor · KL(P_δ ‖ P_0) on "{subject} is a" at the subject's last token
+     + weight_decay · ‖δ‖ / ‖h_init‖²
+with Adam, early stop below 0.05, and ‖δ‖ clamped to clamp_norm_factor · ‖h_init‖ after each step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import EditError
+from ..forward import logits_at
+from ..hooks import Trace
+from ..requests import EditRequest
+from ..tokens import encode, pad_batch, subject_span
+from .keys import subject_prompts
+
+KL_PROMPT = "{} is a"
+EARLY_STOP = 5e-2
+
+
+@dataclass
+class TargetSettings:
+    """Optimisation settings (the v_* / z_* hyper-parameters of ROME and MEMIT)."""
+
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+
+
+@dataclass
+class TargetResult:
+    """h_init (the unprefixed output at the subject) and the optimised δ; target = h_init + δ."""
+
+    init: torch.Tensor
+    delta: torch.Tensor
+    steps: int
+    loss: float
+    nll: float
+    kl: float
+
+    @property
+    def target(self) -> torch.Tensor:
+        """v* (or z): the value the edit should produce."""
+        return self.init + self.delta
+
+
+def target_ids(tok: object, target: str) -> list[int]:
+    """Token ids of `` target`` (leading space, no special tokens)."""
+    ids = list(tok(" " + target.strip(), add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
+                    settings: TargetSettings) -> TargetResult:
+    """Optimise δ added to ``module``'s output at the subject's last token of every prompt."""
+    device = next(model.parameters()).device
+    tgt = target_ids(tok, req.target_new)
+    if not tgt:
+        raise EditError(req.case_id, f"target_new {req.target_new!r} tokenises to nothing")
+    seqs, subj = [], []
+    nll_rows, nll_cols, nll_tok = [], [], []
+    for r, p in enumerate(subject_prompts(req, templates)):
+        pid = encode(tok, p.format(req.subject))
+        seqs.append(pid + tgt[:-1])
+        subj.append(subject_span(tok, p, req.subject, req.case_id).last)
+        for j, t in enumerate(tgt):
+            nll_rows.append(r)
+            nll_cols.append(len(pid) - 1 + j)
+            nll_tok.append(t)
+    n_rw = len(seqs)
+    seqs.append(encode(tok, KL_PROMPT.format(req.subject)))
+    subj.append(subject_span(tok, KL_PROMPT, req.subject, req.case_id).last)
+    ids, mask = pad_batch(tok, seqs, device)
+    all_rows = torch.arange(len(seqs), device=device)
+    subj_t = torch.tensor(subj, device=device)
+    rows = torch.cat([torch.tensor(nll_rows, device=device), all_rows[n_rw:]])
+    cols = torch.cat([torch.tensor(nll_cols, device=device), subj_t[n_rw:]])
+    tok_t = torch.tensor(nll_tok, device=device)
+    row_of_tok = torch.tensor(nll_rows, device=device)
+    n_tok = len(nll_tok)
+
+    dtype = next(model.parameters()).dtype
+    delta: torch.Tensor | None = None
+    init: torch.Tensor | None = None
+
+    def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+        nonlocal delta, init
+        if init is None:
+            init = hidden[0, subj[0]].detach().clone()
+            delta = torch.zeros_like(init, requires_grad=True)
+        hidden = hidden.clone()
+        hidden[all_rows, subj_t] = hidden[all_rows, subj_t] + delta.to(hidden.dtype)
+        return hidden
+
+    opt: torch.optim.Optimizer | None = None
+    kl_init = None
+    steps_done = 0
+    loss_v = nll_v = kl_v = float("nan")
+    with torch.enable_grad():
+        for it in range(settings.steps):
+            with Trace(model, module, edit_output=add_delta, detach=False):
+                logits = logits_at(model, ids, mask, rows, cols)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            tok_lp = lp[:n_tok].gather(1, tok_t[:, None]).squeeze(1)
+            per_prompt = torch.zeros(n_rw, device=device).index_add(0, row_of_tok, tok_lp)
+            nll = -(per_prompt / len(tgt)).mean()
+            kl_lp = lp[n_tok:]
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = settings.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            wd = settings.weight_decay * delta.norm() / init.float().norm() ** 2
+            loss = nll + kl + wd
+            loss_v, nll_v, kl_v = loss.item(), nll.item(), kl.item()
+            if not torch.isfinite(loss):
+                raise EditError(req.case_id, f"non-finite loss {loss_v} in the target optimisation")
+            if loss_v < EARLY_STOP or it == settings.steps - 1:
+                break
+            if opt is None:
+                opt = torch.optim.Adam([delta], lr=settings.lr)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps_done += 1
+            with torch.no_grad():
+                max_norm = settings.clamp_norm_factor * init.norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    result = TargetResult(init=init.to(dtype), delta=delta.detach().to(dtype), steps=steps_done,
+                          loss=loss_v, nll=nll_v, kl=kl_v)
+    if not torch.isfinite(result.target).all():
+        raise EditError(req.case_id, "non-finite target vector v*")
+    return result

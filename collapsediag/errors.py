@@ -1,0 +1,28 @@
+"""Exceptions raised by collapsediag. Each names the record or module it is about."""
+from __future__ import annotations
+
+
+class CollapseDiagError(Exception):
+    """Base class of every collapsediag error."""
+
+
+class RecordError(CollapseDiagError, ValueError):
+    """A fact record is malformed (missing field, empty target, subject not in prompt, ...)."""
+
+    def __init__(self, record_id: object, reason: str) -> None:
+        self.record_id = record_id
+        self.reason = reason
+        super().__init__(f"record {record_id!r}: {reason}")
+
+
+class EditError(CollapseDiagError, RuntimeError):
+    """An edit could not be computed (non-finite values, singular solve, tokenisation)."""
+
+    def __init__(self, record_id: object, reason: str) -> None:
+        self.record_id = record_id
+        self.reason = reason
+        super().__init__(f"edit of record {record_id!r} failed: {reason}")
+
+
+class ModelNotFoundError(CollapseDiagError, FileNotFoundError):
+    """The requested model (or the embedded model's wheel) is not available."""

@@ -1,0 +1,122 @@
+"""The saved-run schema: every table, column, type and unit (source of docs/SCHEMA.md)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a run table."""
+
+    name: str
+    dtype: str  # int | float | bool | str
+    unit: str
+    description: str
+
+
+def _c(name: str, dtype: str, unit: str, description: str) -> Column:
+    return Column(name, dtype, unit, description)
+
+
+EDITS = [
+    _c("edit_index", "int", "-", "0-based position of the edit in the run"),
+    _c("case_id", "str", "-", "record id from the data set"),
+    _c("subject", "str", "-", "subject string"),
+    _c("prompt", "str", "-", "prompt template, `{}` marks the subject"),
+    _c("target_new", "str", "-", "object written by the edit"),
+    _c("target_true", "str", "-", "true object before the edit"),
+    _c("batch_index", "int", "-", "index of the update (batch) this edit belongs to"),
+    _c("subject_first_token", "bool", "-",
+       "the subject starts at the first non-special token of the unprefixed prompt"),
+    _c("subject_last_piece", "str", "-", "decoded token at the subject's last position (the edited key)"),
+    _c("p_new_before", "float", "probability", "exp(mean token log-likelihood) of ` target_new` before the edit"),
+    _c("p_true_before", "float", "probability", "same for ` target_true` before the edit"),
+    _c("p_new_after", "float", "probability", "p of ` target_new` after the edit"),
+    _c("p_true_after", "float", "probability", "p of ` target_true` after the edit"),
+    _c("efficacy", "bool", "-", "p_new_after > p_true_after"),
+    _c("paraphrase_score", "float", "fraction",
+       "share of paraphrase prompts with p_new > p_true after the edit (NaN if none)"),
+    _c("neighborhood_score", "float", "fraction",
+       "share of neighborhood prompts with p_true > p_new after the edit (NaN if none)"),
+    _c("seconds", "float", "s", "wall time of computing, applying and scoring the edit"),
+    _c("status", "str", "-", "`ok`, or the error that stopped this edit (weights untouched)"),
+]
+
+LAYERS = [
+    _c("edit_index", "int", "-", "edit this row belongs to"),
+    _c("layer", "int", "-", "edited layer"),
+    _c("module", "str", "-", "dotted name of the edited projection"),
+    _c("weight_l1", "float", "mean |w|", "‖W‖₁ / numel(W) after the edit"),
+    _c("weight_fro", "float", "norm", "‖W‖_F after the edit"),
+    _c("delta_l1", "float", "mean |w|", "‖ΔW‖₁ / numel(W) of this edit's update"),
+    _c("delta_fro", "float", "norm", "‖ΔW‖_F of this edit's update"),
+    _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
+    _c("denominator", "float", "key units",
+       "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; ALGORITHMS.md §13)"),
+    _c("condition", "float", "ratio", "condition number of the matrix the method inverts (C for ROME)"),
+    _c("denominator_consistent", "float", "key units", "k̄ᵀu: the denominator with the prefix-averaged key"),
+    _c("key_norm_unprefixed", "float", "norm", "‖k_u‖: key of the prompt without prefix"),
+    _c("key_norm_prefixed", "float", "norm", "‖mean of the prefixed keys‖"),
+    _c("key_cosine", "float", "cosine", "cos(k_u, k̄)"),
+    _c("key_mahalanobis_unprefixed", "float", "norm", "√(k_uᵀ C⁻¹ k_u)"),
+    _c("key_mahalanobis_prefixed", "float", "norm", "√(k_pᵀ C⁻¹ k_p), k_p = mean prefixed key"),
+    _c("v_delta_norm", "float", "norm", "‖δ‖ = ‖v* − v_init‖"),
+    _c("v_delta_ratio", "float", "ratio", "‖δ‖ / ‖v_init‖ (the clamp caps it)"),
+    _c("v_steps", "int", "steps", "gradient steps taken by the target optimisation"),
+    _c("v_loss", "float", "nats", "final loss of the target optimisation (NLL + KL + decay)"),
+    _c("v_nll", "float", "nats", "final mean target NLL over the prefixed prompts"),
+    _c("v_kl", "float", "nats", "final weighted KL term"),
+]
+
+EVALS = [
+    _c("edit_index", "int", "-", "last edit applied before this checkpoint"),
+    _c("n_edits", "int", "count", "edits applied so far"),
+    _c("retention", "float", "fraction", "share of earlier successful edits still successful"),
+    _c("efficacy", "float", "fraction", "efficacy over earlier edits"),
+    _c("paraphrase_score", "float", "fraction", "paraphrase score over earlier edits"),
+    _c("neighborhood_score", "float", "fraction", "neighborhood score over earlier edits"),
+    _c("perplexity", "float", "ppl", "perplexity on held-out text"),
+    _c("generation_entropy", "float", "bits", "weighted 2/3-gram entropy of seeded generations"),
+    _c("seconds", "float", "s", "wall time of this evaluation"),
+]
+
+RETENTION = [
+    _c("checkpoint", "int", "-", "edit_index of the evaluation checkpoint"),
+    _c("edit_index", "int", "-", "earlier edit being re-tested"),
+    _c("case_id", "str", "-", "its record id"),
+    _c("p_new", "float", "probability", "p of ` target_new` at the checkpoint"),
+    _c("p_true", "float", "probability", "p of ` target_true` at the checkpoint"),
+    _c("success", "bool", "-", "p_new > p_true at the checkpoint"),
+]
+
+TABLES: dict[str, list[Column]] = {"edits": EDITS, "layers": LAYERS, "evals": EVALS, "retention": RETENTION}
+
+
+def columns(table: str) -> list[str]:
+    """Column names of ``table`` in order."""
+    return [c.name for c in TABLES[table]]
+
+
+def as_dict() -> dict:
+    """The schema as plain data (written into every run as schema.json)."""
+    return {t: [asdict(c) for c in cols] for t, cols in TABLES.items()}
+
+
+def markdown() -> str:
+    """The schema document (docs/SCHEMA.md)."""
+    out = ["# Saved-run schema", "",
+           "A run is a directory: `config.json`, one JSON Lines file per table below (`<table>.jsonl`,",
+           "`pandas.read_json(path, lines=True, precise_float=True)` reads it), `schema.json` (this document as data) and",
+           "`factors/edit_NNNNNN.npz` (the update factors of each edit: arrays `left_<layer>` [d_out, r] and",
+           "`right_<layer>` [d_in, r], ΔW = left @ rightᵀ in Linear orientation).",
+           "Rows are appended as the run goes; a `layers` row counts only once its `edits` row exists.",
+           "Generated from `collapsediag/schema.py` (`python -m collapsediag.schema`).", ""]
+    for table, cols in TABLES.items():
+        out += [f"## `{table}`", "", "| column | type | unit | meaning |", "|---|---|---|---|"]
+        out += [f"| `{c.name}` | {c.dtype} | {c.unit} | {c.description} |" for c in cols]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

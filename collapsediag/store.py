@@ -1,0 +1,138 @@
+"""Saved runs: a directory of JSON Lines tables appended per edit, plus update factors.
+
+>>> run = load_run("runs/rome-smollm2")
+>>> run.layers.pivot(index="edit_index", columns="layer", values="weight_l1")
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import schema
+from .errors import CollapseDiagError
+
+
+def _fsync_append(path: pathlib.Path, lines: list[str]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+class RunWriter:
+    """Appends rows to a run directory; every write is flushed to disk before it returns."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+        (self.path / "factors").mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: dict[str, Any]) -> "RunWriter":
+        """Start a new run directory; refuses to overwrite one that holds edits."""
+        p = pathlib.Path(path)
+        if (p / "edits.jsonl").exists() and (p / "edits.jsonl").stat().st_size > 0:
+            raise CollapseDiagError(f"{p} already holds a run: choose another --out or use --resume")
+        w = cls(p)
+        w.write_config(config)
+        _atomic_write(p / "schema.json", json.dumps(schema.as_dict(), indent=1))
+        return w
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """(Re)write config.json atomically."""
+        _atomic_write(self.path / "config.json", json.dumps(config, indent=2, default=str))
+
+    def append(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Append rows to ``<table>.jsonl``."""
+        if table not in schema.TABLES:
+            raise CollapseDiagError(f"unknown table {table!r}")
+        if rows:
+            lines = [json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows]
+            _fsync_append(self.path / f"{table}.jsonl", lines)
+
+    def save_factors(self, edit_index: int, factors: dict[str, np.ndarray]) -> None:
+        """Store the update factors of one edit (atomic)."""
+        p = self.path / "factors" / f"edit_{edit_index:06d}.npz"
+        tmp = p.with_name(p.stem + ".tmp.npz")
+        np.savez(tmp, **factors)
+        os.replace(tmp, p)
+
+
+def read_table(path: str | os.PathLike, table: str) -> pd.DataFrame:
+    """A run table with every documented column; a line cut by a crash is skipped with a warning."""
+    p = pathlib.Path(path) / f"{table}.jsonl"
+    records: list[dict] = []
+    if p.exists():
+        lines = p.read_text(encoding="utf-8").split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{p}: skipped incomplete line {i + 1} (crash while writing?)", stacklevel=2)
+    cols = schema.columns(table)
+    df = pd.DataFrame.from_records(records)
+    for c in cols:
+        if c not in df.columns:
+            df[c] = np.nan
+    extra = [c for c in df.columns if c not in cols]
+    return df[cols + extra]
+
+
+class Run:
+    """A saved run: ``config`` (dict) and the tables ``edits``, ``layers``, ``evals``, ``retention``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = pathlib.Path(path)
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            raise CollapseDiagError(f"{self.path} is not a collapsediag run (no config.json)")
+        self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
+        self.edits = read_table(self.path, "edits")
+        done = set(self.edits["edit_index"].dropna().astype(int))
+        layers = read_table(self.path, "layers")
+        self.layers = layers[layers["edit_index"].isin(done)].reset_index(drop=True)
+        self.evals = read_table(self.path, "evals")
+        self.retention = read_table(self.path, "retention")
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, editor={self.config.get('editor')!r}, "
+                f"edits={len(self.edits)})")
+
+    def __getitem__(self, key: tuple[str, int]) -> pd.Series:
+        """``run["weight_l1", 5]``: one layer metric as a Series over edit_index."""
+        metric, layer = key
+        rows = self.layers[self.layers["layer"] == layer]
+        return rows.set_index("edit_index")[metric]
+
+    def factors(self, edit_index: int) -> dict[str, np.ndarray]:
+        """The stored update factors of one edit."""
+        p = self.path / "factors" / f"edit_{edit_index:06d}.npz"
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files}
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Open a saved run directory."""
+    return Run(path)
