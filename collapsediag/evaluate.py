@@ -6,14 +6,12 @@ import torch
 from torch import nn
 
 from .forward import logits_at
-from .tokens import encode, pad_batch
+from .tokens import continuation, encode, pad_batch, target_ids
 
 
 def target_probs(model: nn.Module, tok: object, prompts: list[str], targets: list[str],
                  batch_size: int = 32) -> np.ndarray:
     """For each (prompt, target): exp of the mean log-probability of `` target``'s tokens."""
-    from .editors.target import target_ids
-
     out = np.empty(len(prompts))
     device = next(model.parameters()).device
     items = []
@@ -24,20 +22,18 @@ def target_probs(model: nn.Module, tok: object, prompts: list[str], targets: lis
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            seqs = [items[i][0] + items[i][1][:-1] for i in idx]
-            rows, cols, toks, owner = [], [], [], []
+            seqs, rows, cols, toks = [], [], [], []
             for r, i in enumerate(idx):
-                pid, tid = items[i]
-                for j, t in enumerate(tid):
-                    rows.append(r)
-                    cols.append(len(pid) - 1 + j)
-                    toks.append(t)
-                    owner.append(r)
+                seq, pos = continuation(*items[i])
+                seqs.append(seq)
+                rows += [r] * len(pos)
+                cols += pos
+                toks += items[i][1]
             ids, mask = pad_batch(tok, seqs, device)
             logits = logits_at(model, ids, mask, torch.tensor(rows, device=device),
                                torch.tensor(cols, device=device))
             lp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(toks, device=device)[:, None])
-            own = torch.tensor(owner, device=device)
+            own = torch.tensor(rows, device=device)
             sums = torch.zeros(len(idx), device=device).index_add(0, own, lp.squeeze(1))
             counts = torch.zeros(len(idx), device=device).index_add(0, own, torch.ones_like(lp.squeeze(1)))
             out[idx] = torch.exp(sums / counts).cpu().numpy()

@@ -61,6 +61,16 @@ def _n_special_prefix(tok: object) -> int:
     return len(encode(tok, ""))
 
 
+def target_ids(tok: object, target: str) -> list[int]:
+    """Token ids of `` target`` (leading space, no special tokens)."""
+    return list(tok(" " + target.strip(), add_special_tokens=False)["input_ids"])
+
+
+def continuation(prompt_ids: list[int], tgt: list[int]) -> tuple[list[int], list[int]]:
+    """Teacher forcing: input ids (prompt + target[:-1]) and the positions whose logits predict each target token."""
+    return prompt_ids + tgt[:-1], [len(prompt_ids) - 1 + j for j in range(len(tgt))]
+
+
 def first_content_index(tok: object, text: str) -> int:
     """Index of the first token that is not a special token (BOS) in ``text``."""
     special = set(getattr(tok, "all_special_ids", []) or [])

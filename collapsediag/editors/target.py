@@ -17,7 +17,7 @@ from ..errors import EditError
 from ..forward import logits_at
 from ..hooks import Trace
 from ..requests import EditRequest
-from ..tokens import encode, pad_batch, subject_span
+from ..tokens import continuation, encode, pad_batch, subject_span, target_ids
 from .keys import subject_prompts
 
 KL_PROMPT = "{} is a"
@@ -52,12 +52,6 @@ class TargetResult:
         return self.init + self.delta
 
 
-def target_ids(tok: object, target: str) -> list[int]:
-    """Token ids of `` target`` (leading space, no special tokens)."""
-    ids = list(tok(" " + target.strip(), add_special_tokens=False)["input_ids"])
-    return ids
-
-
 def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
                     settings: TargetSettings) -> TargetResult:
     """Optimise δ added to ``module``'s output at the subject's last token of every prompt."""
@@ -68,13 +62,12 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
     seqs, subj = [], []
     nll_rows, nll_cols, nll_tok = [], [], []
     for r, p in enumerate(subject_prompts(req, templates)):
-        pid = encode(tok, p.format(req.subject))
-        seqs.append(pid + tgt[:-1])
+        seq, cols = continuation(encode(tok, p.format(req.subject)), tgt)
+        seqs.append(seq)
         subj.append(subject_span(tok, p, req.subject, req.case_id).last)
-        for j, t in enumerate(tgt):
-            nll_rows.append(r)
-            nll_cols.append(len(pid) - 1 + j)
-            nll_tok.append(t)
+        nll_rows += [r] * len(tgt)
+        nll_cols += cols
+        nll_tok += tgt
     n_rw = len(seqs)
     seqs.append(encode(tok, KL_PROMPT.format(req.subject)))
     subj.append(subject_span(tok, KL_PROMPT, req.subject, req.case_id).last)
