@@ -45,20 +45,39 @@ def run_command(args: argparse.Namespace) -> int:
     from .stats import StatsCache, TextCorpus
     from .store import load_run
     from .report import format_report
+    from .fluency import heldout_texts
 
+    if args.editor is None and not args.resume:
+        raise CollapseDiagError("--editor is required (except with --resume)")
     if args.mode != "sequential":
         raise CollapseDiagError(f"mode {args.mode!r} is not available yet for {args.editor}: use sequential")
     records = load_data(args.data, args.n_edits)
-    editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers))
     model, tok = load_model(args.model)
     corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
-    session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
-                          cache=StatsCache(args.cache_dir), seed=args.seed,
-                          config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
-                                  "batch_size": 1})
-    session.run(records)
+    cache = StatsCache(args.cache_dir)
+    if args.resume and (pathlib.Path(args.out) / "config.json").exists():
+        session = EditSession.resume(args.out, model, tok, records, cache=cache, corpus=corpus)
+        log.info("resuming %s after %d edits", args.out, session.n_edits)
+    else:
+        editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers))
+        session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
+                              cache=cache, seed=args.seed, eval_every=args.eval_every,
+                              eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
+                              templates=None if args.context is None else _templates(model, tok, args),
+                              config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
+                                      "batch_size": 1, "stats_corpus": corpus.name,
+                                      "eval_text": args.eval_text})
+    session.run(records[session.n_edits:])
     print(format_report([load_run(args.out)]))
     return 0
+
+
+def _templates(model: object, tok: object, args: argparse.Namespace) -> list[str]:
+    """``--context N``: N prefixed templates, half of ≤5 tokens and half of ≤10 (ROME's split)."""
+    from .editors.context import generate_templates
+
+    n = args.context
+    return generate_templates(model, tok, ((5, n // 2), (10, n - n // 2)), seed=args.seed)
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -109,14 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a sequence of edits and save every signal")
     r.add_argument("--model", default="smollm2-135m", help="HF name or path, or smollm2-135m (embedded)")
-    r.add_argument("--editor", required=True, help="rome | r-rome")
+    r.add_argument("--editor", default=None, help="rome | r-rome (taken from the run with --resume)")
     r.add_argument("--data", required=True, help="counterfact:PATH, facts:PATH or own")
     r.add_argument("--n-edits", type=int, default=None)
     r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"])
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--layers", type=int, nargs="+", default=None)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--eval-every", type=int, default=0, help="re-test earlier edits every K edits and at the end")
+    r.add_argument("--eval-text", default=None, help="held-out text file for perplexity (default: packaged)")
+    r.add_argument("--context", type=int, default=None, help="number of prefixed context templates (default 20)")
     r.add_argument("--out", required=True)
+    r.add_argument("--resume", action="store_true", help="continue the run in --out after a crash")
     r.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--stats-corpus", default=None, help="text file for C = E[kkᵀ] (default: packaged corpus)")
     r.add_argument("--stats-tokens", type=int, default=100_000)

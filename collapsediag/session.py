@@ -25,6 +25,7 @@ from .editors.base import EditEnv
 from .editors.context import DEFAULT_LENGTHS, generate_templates
 from .errors import CollapseDiagError
 from .evaluate import success_share, target_probs
+from .fluency import GENERATION_PROMPTS, generation_entropy, heldout_texts, perplexity
 from .models import model_fingerprint, model_name
 from .recorder import NullRecorder, Recorder
 from .requests import EditRequest
@@ -33,11 +34,43 @@ from .store import RunWriter
 from .tokens import first_content_index, subject_span
 
 
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
     return {"collapsediag": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A table row as plain Python values (NaN kept as float)."""
+    out = {}
+    for k, v in row.items():
+        out[k] = v.item() if isinstance(v, np.generic) else v
+    return out
+
+
+def _as_request(record: dict[str, Any] | EditRequest, index: int) -> EditRequest:
+    return record if isinstance(record, EditRequest) else EditRequest.from_dict(record, case_id=index)
+
+
+def _stats_from_config(model: nn.Module, tok: object, arch: ArchSpec, cfg: dict[str, Any],
+                       cache: StatsCache | None, corpus: TextCorpus | None, progress: bool) -> dict[int, LayerStats]:
+    """Key statistics with the identity recorded in a run's config (from the cache or recomputed)."""
+    idents = cfg["stats"]
+    first = next(iter(idents.values()))
+    if corpus is None:
+        corpus = TextCorpus.packaged() if first["corpus"] == str(TextCorpus.packaged().name) \
+            else TextCorpus.from_file(first["corpus"])
+    if corpus.sha256 != first["corpus_sha256"]:
+        raise CollapseDiagError(f"statistics corpus {corpus.name} differs from the run's ({first['corpus']})")
+    layers = [int(k) for k in idents]
+    return (cache or StatsCache()).get(model, tok, arch, layers, corpus, first["n_tokens_requested"],
+                                       first["seq_len"], progress=progress)
 
 
 class EditSession:
@@ -57,7 +90,9 @@ class EditSession:
                  arch: ArchSpec | None = None, stats: dict[int, LayerStats] | None = None,
                  corpus: TextCorpus | None = None, stats_tokens: int = 100_000, cache: StatsCache | None = None,
                  templates: list[str] | None = None, seed: int = 0, diagnostics: bool = True,
-                 config: dict[str, Any] | None = None, progress: bool = True) -> None:
+                 eval_every: int = 0, eval_texts: list[str] | None = None,
+                 generation_prompts: list[str] | tuple[str, ...] = GENERATION_PROMPTS, generation_tokens: int = 64,
+                 config: dict[str, Any] | None = None, progress: bool = True, _resume: bool = False) -> None:
         self.model, self.tok, self.editor = model, tok, editor
         self.arch = arch or arch_for(model)
         self.layers = editor.layers()
@@ -70,13 +105,26 @@ class EditSession:
             templates = generate_templates(model, tok, DEFAULT_LENGTHS, seed=seed)
         self.env = EditEnv(arch=self.arch, stats=stats, templates=templates, seed=seed)
         self.diagnostics = diagnostics
+        self.eval_every = int(eval_every)
+        self.eval_texts = eval_texts if eval_texts is not None else (heldout_texts() if eval_every else [])
+        self.generation_prompts = list(generation_prompts)
+        self.generation_tokens = generation_tokens
+        self.requests: dict[int, EditRequest] = {}
+        self.checkpoints: list[int] = []
         self.w0 = {layer: weight_matrix(get_module(model, self.arch.rewrite_name(layer))).detach().clone()
                    for layer in self.layers}
         self.n_edits = 0
         self.edits: list[dict[str, Any]] = []
         self.layer_rows: list[dict[str, Any]] = []
+        self.eval_rows: list[dict[str, Any]] = []
+        self.retention_rows: list[dict[str, Any]] = []
         self.config = self._config(config or {})
-        self.writer = RunWriter.create(out, self.config) if out is not None else None
+        if out is None:
+            self.writer = None
+        elif _resume:
+            self.writer = RunWriter(out)
+        else:
+            self.writer = RunWriter.create(out, self.config)
 
     def _config(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -86,6 +134,8 @@ class EditSession:
             "hparams": self.editor.hparams.to_dict(), "layers": self.layers, "seed": self.env.seed,
             "context_templates": self.env.templates,
             "stats": {str(k): v.identity for k, v in self.env.stats.items()},
+            "eval_every": self.eval_every, "generation_prompts": self.generation_prompts,
+            "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
             "padding_side": getattr(self.tok, "padding_side", None), "versions": _versions(),
             "initial_weights": {str(k): {"weight_l1": float(w.abs().mean()), "weight_fro": float(w.norm())}
                                 for k, w in self.w0.items()},
@@ -102,7 +152,8 @@ class EditSession:
         deltas: list[Delta] = []
         applied = None
         try:
-            req = record if isinstance(record, EditRequest) else EditRequest.from_dict(record, case_id=index)
+            req = _as_request(record, index)
+            self.requests[index] = req
             row.update(case_id=str(req.case_id), subject=req.subject, prompt=req.prompt,
                        target_new=req.target_new, target_true=req.target_true)
             span = subject_span(self.tok, req.prompt, req.subject, req.case_id)
@@ -130,6 +181,8 @@ class EditSession:
         row["seconds"] = time.perf_counter() - t0
         self._save(index, row, deltas, layer_rows)
         self.n_edits += 1
+        if self.eval_every and self.n_edits % self.eval_every == 0:
+            self.checkpoint()
         return row
 
     def run(self, records: Iterable[dict[str, Any] | EditRequest], progress: bool = True) -> list[dict[str, Any]]:
@@ -141,7 +194,117 @@ class EditSession:
             rows.append(self.edit(r))
             ok = sum(x["status"] == "ok" and bool(x.get("efficacy")) for x in rows)
             bar.set_postfix(efficacy=f"{ok}/{len(rows)}")
+        if self.eval_every and self.n_edits and self.n_edits - 1 not in self.checkpoints:
+            self.checkpoint()
         return rows
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Re-test every earlier edit and measure perplexity and generation entropy; returns the evals row."""
+        t0 = time.perf_counter()
+        index = self.n_edits - 1
+        done = [i for i in sorted(self.requests) if self.edits[i]["status"] == "ok"]
+        reqs = [self.requests[i] for i in done]
+        prompts, targets, owner, kinds = [], [], [], []
+        for j, r in enumerate(reqs):
+            for kind, texts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts),
+                                ("neighborhood", r.neighborhood_prompts)):
+                if not r.target_true:
+                    continue
+                for t in texts:
+                    t = t.format(r.subject) if "{}" in t else t
+                    prompts += [t, t]
+                    targets += [r.target_new, r.target_true]
+                    owner.append(j)
+                    kinds.append(kind)
+        p = target_probs(self.model, self.tok, prompts, targets) if prompts else np.empty(0)
+        p_new, p_true = p[0::2], p[1::2]
+        owner_a, kinds_a = np.array(owner, dtype=int), np.array(kinds)
+        retention_rows, per_kind = [], {"rewrite": [], "paraphrase": [], "neighborhood": []}
+        was_ok, still_ok = [], []
+        for j, i in enumerate(done):
+            for kind in per_kind:
+                sel = (owner_a == j) & (kinds_a == kind)
+                if sel.any():
+                    per_kind[kind].append(success_share(p_new[sel], p_true[sel], kind != "neighborhood"))
+            sel = (owner_a == j) & (kinds_a == "rewrite")
+            if sel.any():
+                k = int(np.flatnonzero(sel)[0])
+                success = bool(p_new[k] > p_true[k])
+                retention_rows.append({"checkpoint": index, "edit_index": i, "case_id": self.edits[i]["case_id"],
+                                       "p_new": float(p_new[k]), "p_true": float(p_true[k]), "success": success})
+                if self.edits[i].get("efficacy"):
+                    was_ok.append(i)
+                    still_ok.append(success)
+        row = {"edit_index": index, "n_edits": self.n_edits,
+               "retention": float(np.mean(still_ok)) if still_ok else float("nan"),
+               "efficacy": _mean(per_kind["rewrite"]), "paraphrase_score": _mean(per_kind["paraphrase"]),
+               "neighborhood_score": _mean(per_kind["neighborhood"]),
+               "perplexity": perplexity(self.model, self.tok, self.eval_texts) if self.eval_texts else float("nan"),
+               "generation_entropy": generation_entropy(self.model, self.tok, self.generation_prompts,
+                                                        self.generation_tokens, seed=self.env.seed + index)
+               if self.generation_prompts else float("nan")}
+        row["seconds"] = time.perf_counter() - t0
+        self.checkpoints.append(index)
+        if self.writer is not None:
+            self.writer.append("retention", retention_rows)
+            self.writer.append("evals", [row])
+        self.retention_rows.extend(retention_rows)
+        self.eval_rows.append(row)
+        return row
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, model: nn.Module, tok: object, records: list[Any], *,
+               cache: StatsCache | None = None, corpus: TextCorpus | None = None,
+               progress: bool = True) -> "EditSession":
+        """Reopen a run written to ``path`` (after a crash) and bring ``model`` to its last committed edit.
+
+        ``model`` must be the unedited base model; ``records`` the run's records in order (those already
+        done are re-parsed, not re-edited). Context templates, seed, hyper-parameters, evaluation settings
+        and the statistics identity come from the run. An edit or checkpoint in flight is dropped from the
+        tables and redone.
+        """
+        from .editors import get_editor
+        from .rebuild import apply_run
+        from .store import load_run
+
+        run = load_run(path)
+        cfg = run.config
+        if model_fingerprint(model) != cfg["model_fingerprint"]:
+            raise CollapseDiagError("resume needs the run's unedited base model (fingerprint differs)")
+        editor = get_editor(cfg["editor"], cfg["hparams"])
+        arch = ArchSpec(**cfg["arch"])
+        stats = _stats_from_config(model, tok, arch, cfg, cache, corpus, progress)
+        session = cls(model, tok, editor, out=path, arch=arch, stats=stats, templates=cfg["context_templates"],
+                      seed=cfg["seed"], eval_every=cfg.get("eval_every", 0),
+                      generation_prompts=cfg.get("generation_prompts", GENERATION_PROMPTS),
+                      generation_tokens=cfg.get("generation_tokens", 64), progress=progress, _resume=True,
+                      eval_texts=heldout_texts(cfg.get("eval_text")) if cfg.get("eval_every") else [])
+        session.config = cfg
+        done = sorted(int(i) for i in run.edits["edit_index"])
+        if done != list(range(len(done))):
+            raise CollapseDiagError(f"{path}: edits table is not a prefix of the run ({done[:5]}...)")
+        last = len(done) - 1
+        if last >= 0:
+            apply_run(model, run, last, check_fingerprint=False)
+        checkpoints = set(run.evals["edit_index"].dropna().astype(int))
+        retention = run.retention[run.retention["checkpoint"].isin(checkpoints)]
+        session.writer.rewrite("edits", run.edits)
+        session.writer.rewrite("layers", run.layers)
+        session.writer.rewrite("evals", run.evals)
+        session.writer.rewrite("retention", retention)
+        session.edits = [_plain(r) for r in run.edits.to_dict("records")]
+        session.layer_rows = [_plain(r) for r in run.layers.to_dict("records")]
+        session.eval_rows = [_plain(r) for r in run.evals.to_dict("records")]
+        session.retention_rows = [_plain(r) for r in retention.to_dict("records")]
+        session.checkpoints = sorted(checkpoints)
+        for i in done:
+            if session.edits[i]["status"] == "ok":
+                session.requests[i] = _as_request(records[i], i)
+        session.n_edits = len(done)
+        if session.eval_every and session.n_edits and session.n_edits % session.eval_every == 0 \
+                and last not in checkpoints:
+            session.checkpoint()
+        return session
 
     def restore(self) -> None:
         """Put every edited weight back to its value when the session started."""

@@ -70,6 +70,13 @@ class RunWriter:
             lines = [json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows]
             _fsync_append(self.path / f"{table}.jsonl", lines)
 
+    def rewrite(self, table: str, df: pd.DataFrame) -> None:
+        """Replace ``<table>.jsonl`` by the rows of ``df`` (atomic; used when resuming)."""
+        rows = [{k: _jsonable(v) for k, v in r.items() if not (isinstance(v, float) and np.isnan(v)
+                                                                and k not in schema.columns(table))}
+                for r in df.to_dict("records")]
+        _atomic_write(self.path / f"{table}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
     def save_factors(self, edit_index: int, factors: dict[str, np.ndarray]) -> None:
         """Store the update factors of one edit (atomic)."""
         p = self.path / "factors" / f"edit_{edit_index:06d}.npz"
@@ -131,6 +138,20 @@ class Run:
         p = self.path / "factors" / f"edit_{edit_index:06d}.npz"
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
+
+
+    def model_at(self, edit_index: int, model: Any = None) -> Any:
+        """The model as it was right after ``edit_index``, rebuilt from the stored update factors.
+
+        ``model`` is the unedited base model (loaded from ``config["model"]`` when omitted); it is
+        edited in place and returned.
+        """
+        from .models import load_model
+        from .rebuild import apply_run
+
+        if model is None:
+            model, _ = load_model(self.config["model"])
+        return apply_run(model, self, edit_index)
 
 
 def load_run(path: str | os.PathLike) -> Run:

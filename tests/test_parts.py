@@ -244,3 +244,17 @@ def test_schema_doc_in_sync():
     for table, cols in schema.TABLES.items():
         assert len({c.name for c in cols}) == len(cols), table
         assert all(c.unit and c.description for c in cols)
+
+
+def test_fingerprint_survives_save_and_load(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from collapsediag.models import model_fingerprint
+
+    model = make_model("gpt2", len(tok))
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model_fingerprint(again) == model_fingerprint(model)
+    with torch.no_grad():
+        again.transformer.h[0].mlp.c_proj.weight[0, 0] += 1.0
+    assert model_fingerprint(again) != model_fingerprint(model)
