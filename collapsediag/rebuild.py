@@ -12,8 +12,6 @@ from .models import model_fingerprint
 
 def run_deltas(run: object, edit_index: int, arch: ArchSpec) -> list[Delta]:
     """The updates stored for one edit (empty for an edit whose status is not ok)."""
-    import numpy as np  # noqa: F401  (factors are numpy arrays)
-
     row = run.edits[run.edits["edit_index"] == edit_index]
     if row.empty or row["status"].iloc[0] != "ok":
         return []

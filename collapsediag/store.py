@@ -72,9 +72,7 @@ class RunWriter:
 
     def rewrite(self, table: str, df: pd.DataFrame) -> None:
         """Replace ``<table>.jsonl`` by the rows of ``df`` (atomic; used when resuming)."""
-        rows = [{k: _jsonable(v) for k, v in r.items() if not (isinstance(v, float) and np.isnan(v)
-                                                                and k not in schema.columns(table))}
-                for r in df.to_dict("records")]
+        rows = [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict("records")]
         _atomic_write(self.path / f"{table}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_factors(self, edit_index: int, factors: dict[str, np.ndarray]) -> None:
