@@ -21,8 +21,12 @@ def _value(text: str) -> Any:
         return text
 
 
-def parse_hparams(pairs: list[str], layers: list[int] | None) -> dict[str, Any]:
+def parse_hparams(pairs: list[str], layers: list[int] | None, editor: str = "rome") -> dict[str, Any]:
     """``key=value`` overrides (values parsed as JSON when they can be), plus ``--layers``."""
+    import dataclasses
+
+    from .editors import EDITORS
+
     hp: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -30,9 +34,13 @@ def parse_hparams(pairs: list[str], layers: list[int] | None) -> dict[str, Any]:
             raise CollapseDiagError(f"--hparam expects key=value, got {pair!r}")
         hp[key.strip()] = _value(value)
     if layers:
-        if len(layers) != 1:
-            raise CollapseDiagError("rome and r-rome edit one layer: give one --layers value")
-        hp["layer"] = layers[0]
+        fields = {f.name for f in dataclasses.fields(EDITORS[editor].HParams)} if editor in EDITORS else set()
+        if "layers" in fields:
+            hp["layers"] = list(layers)
+        elif len(layers) != 1:
+            raise CollapseDiagError(f"{editor} edits one layer: give one --layers value")
+        else:
+            hp["layer"] = layers[0]
     return hp
 
 
@@ -59,7 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
         session = EditSession.resume(args.out, model, tok, records, cache=cache, corpus=corpus)
         log.info("resuming %s after %d edits", args.out, session.n_edits)
     else:
-        editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers))
+        editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers, args.editor))
         session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
                               eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a sequence of edits and save every signal")
     r.add_argument("--model", default="smollm2-135m", help="HF name or path, or smollm2-135m (embedded)")
-    r.add_argument("--editor", default=None, help="rome | r-rome (taken from the run with --resume)")
+    r.add_argument("--editor", default=None, help="rome | r-rome | memit | emmet (taken from the run with --resume)")
     r.add_argument("--data", required=True, help="counterfact:PATH, facts:PATH or own")
     r.add_argument("--n-edits", type=int, default=None)
     r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"])

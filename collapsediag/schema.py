@@ -12,10 +12,11 @@ class Column:
     dtype: str  # int | float | bool | str
     unit: str
     description: str
+    editors: str = "all"  # which editors fill it: all | rome family | batched | emmet
 
 
-def _c(name: str, dtype: str, unit: str, description: str) -> Column:
-    return Column(name, dtype, unit, description)
+def _c(name: str, dtype: str, unit: str, description: str, editors: str = "all") -> Column:
+    return Column(name, dtype, unit, description, editors)
 
 
 EDITS = [
@@ -52,20 +53,25 @@ LAYERS = [
     _c("delta_fro", "float", "norm", "‖ΔW‖_F of this edit's update"),
     _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
     _c("denominator", "float", "key units",
-       "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; ALGORITHMS.md §13)"),
-    _c("condition", "float", "ratio", "condition number of the matrix the method inverts (C for ROME)"),
-    _c("denominator_consistent", "float", "key units", "k̄ᵀu: the denominator with the prefix-averaged key"),
-    _c("key_norm_unprefixed", "float", "norm", "‖k_u‖: key of the prompt without prefix"),
-    _c("key_norm_prefixed", "float", "norm", "‖mean of the prefixed keys‖"),
-    _c("key_cosine", "float", "cosine", "cos(k_u, k̄)"),
-    _c("key_mahalanobis_unprefixed", "float", "norm", "√(k_uᵀ C⁻¹ k_u)"),
-    _c("key_mahalanobis_prefixed", "float", "norm", "√(k_pᵀ C⁻¹ k_p), k_p = mean prefixed key"),
+       "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "
+       "n×n matrix KᵀA⁻¹K (MEMIT) or D (EMMET); ALGORITHMS.md §13)"),
+    _c("condition", "float", "ratio",
+       "condition number of the matrix the method inverts (C for ROME, λC + KKᵀ for MEMIT, D for EMMET)"),
+    _c("denominator_consistent", "float", "key units", "k̄ᵀu: the denominator with the prefix-averaged key", "rome family"),
+    _c("key_norm_unprefixed", "float", "norm", "‖k_u‖: key of the prompt without prefix", "rome family"),
+    _c("key_norm_prefixed", "float", "norm", "‖mean of the prefixed keys‖", "rome family"),
+    _c("key_cosine", "float", "cosine", "cos(k_u, k̄)", "rome family"),
+    _c("key_mahalanobis_unprefixed", "float", "norm", "√(k_uᵀ C⁻¹ k_u)", "rome family"),
+    _c("key_mahalanobis_prefixed", "float", "norm", "√(k_pᵀ C⁻¹ k_p), k_p = mean prefixed key", "rome family"),
     _c("v_delta_norm", "float", "norm", "‖δ‖ = ‖v* − v_init‖"),
     _c("v_delta_ratio", "float", "ratio", "‖δ‖ / ‖v_init‖ (the clamp caps it)"),
     _c("v_steps", "int", "steps", "gradient steps taken by the target optimisation"),
     _c("v_loss", "float", "nats", "final loss of the target optimisation (NLL + KL + decay)"),
     _c("v_nll", "float", "nats", "final mean target NLL over the prefixed prompts"),
     _c("v_kl", "float", "nats", "final weighted KL term"),
+    _c("z_error", "float", "norm", "mean ‖z − h‖ at the last edited layer before this layer's update", "batched"),
+    _c("pinv_fallback", "bool", "-", "D was singular and its pseudo-inverse was used", "emmet"),
+    _c("condition_c", "float", "ratio", "condition number of λ_m C + μI", "emmet"),
 ]
 
 EVALS = [
@@ -112,8 +118,8 @@ def markdown() -> str:
            "Rows are appended as the run goes; a `layers` row counts only once its `edits` row exists.",
            "Generated from `collapsediag/schema.py` (`python -m collapsediag.schema`).", ""]
     for table, cols in TABLES.items():
-        out += [f"## `{table}`", "", "| column | type | unit | meaning |", "|---|---|---|---|"]
-        out += [f"| `{c.name}` | {c.dtype} | {c.unit} | {c.description} |" for c in cols]
+        out += [f"## `{table}`", "", "| column | type | unit | editors | meaning |", "|---|---|---|---|---|"]
+        out += [f"| `{c.name}` | {c.dtype} | {c.unit} | {c.editors} | {c.description} |" for c in cols]
         out.append("")
     return "\n".join(out)
 

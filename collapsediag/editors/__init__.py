@@ -5,9 +5,10 @@ from typing import Any
 
 from ..errors import CollapseDiagError
 from .base import AppliedDeltas, Delta, EditEnv, Editor, HParams, apply_deltas
+from .memit import Emmet, EmmetHParams, Memit, MemitHParams
 from .rome import Rome, RomeHParams, RRome
 
-EDITORS: dict[str, type] = {"rome": Rome, "r-rome": RRome}
+EDITORS: dict[str, type] = {"rome": Rome, "r-rome": RRome, "memit": Memit, "emmet": Emmet}
 
 
 def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
@@ -20,5 +21,6 @@ def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
     return cls(hp)
 
 
-__all__ = ["EDITORS", "AppliedDeltas", "Delta", "EditEnv", "Editor", "HParams", "Rome", "RomeHParams",
+__all__ = ["EDITORS", "AppliedDeltas", "Delta", "EditEnv", "Editor", "Emmet", "EmmetHParams", "HParams", "Memit",
+           "MemitHParams", "Rome", "RomeHParams",
            "RRome", "apply_deltas", "get_editor"]

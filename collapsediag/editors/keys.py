@@ -29,6 +29,11 @@ class KeySet:
         return self.keys.mean(0)
 
     @property
+    def mixed(self) -> torch.Tensor:
+        """MEMIT's key: ½ k_u + ½ mean of the prefixed keys (ALGORITHMS.md §5.2)."""
+        return 0.5 * self.unprefixed + 0.5 * self.prefixed_mean
+
+    @property
     def prefixed_mean(self) -> torch.Tensor:
         """Mean key over the prefixed templates only."""
         return self.keys[1:].mean(0) if len(self.keys) > 1 else self.keys[0]
@@ -54,3 +59,16 @@ def keys_at_subject(model: nn.Module, tok: object, module: str, req: EditRequest
     with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=True, stop=True) as tr:
         model(input_ids=ids, attention_mask=mask)
     return KeySet(keys=tr.input[rows, cols].clone(), values=tr.output[rows, cols].clone())
+
+
+def outputs_at_subject(model: nn.Module, tok: object, module: str, reqs: list[EditRequest]) -> torch.Tensor:
+    """``module``'s output (e.g. a decoder block's hidden state) at the subject's last token of each
+    unprefixed prompt, one batched forward: [n, d]."""
+    device = next(model.parameters()).device
+    seqs = [encode(tok, r.text) for r in reqs]
+    idx = [subject_span(tok, r.prompt, r.subject, r.case_id).last for r in reqs]
+    ids, mask = pad_batch(tok, seqs, device)
+    rows = torch.arange(len(seqs), device=device)
+    with torch.no_grad(), Trace(model, module, retain_output=True, stop=True) as tr:
+        model(input_ids=ids, attention_mask=mask)
+    return tr.output[rows, torch.tensor(idx, device=device)].clone()

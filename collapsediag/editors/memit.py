@@ -1,0 +1,154 @@
+"""MEMIT and EMMET: batched updates spread over several layers (ALGORITHMS.md §5, §6).
+
+Both share the target z (δ on the residual stream after the last edited layer), the ½/½ key mix
+and the residual spreading R = (Z − H_cur) / (layers left); they differ in the solve:
+  MEMIT: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹
+  EMMET: ΔW = R D⁻¹ Kᵀ C'⁻¹,  C' = λ_m C + μI,  D = Kᵀ C'⁻¹ K (+ ε I when n > 1)
+Keys are columns here (K ∈ R^{d_in×n}); ΔW is in Linear orientation [d_out, d_in].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import EditError
+from ..recorder import Recorder
+from ..requests import EditRequest
+from .base import AppliedDeltas, Delta, EditEnv, HParams, apply_deltas
+from .keys import keys_at_subject, outputs_at_subject
+from .target import TargetSettings, optimise_target
+
+
+@dataclass
+class MemitHParams(HParams):
+    """MEMIT hyper-parameters (Llama-style settings of ALGORITHMS.md §5.4)."""
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    z_num_grad_steps: int = 20
+    z_lr: float = 0.5
+    z_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    mom2_update_weight: float = 15000.0
+
+    def target_settings(self) -> TargetSettings:
+        """The shared target-optimisation settings."""
+        return TargetSettings(steps=self.z_num_grad_steps, lr=self.z_lr, weight_decay=self.z_weight_decay,
+                              clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor)
+
+
+@dataclass
+class EmmetHParams(MemitHParams):
+    """EMMET hyper-parameters: λ_m scales C, μ is a ridge on C', ε the ridge on D for batches."""
+
+    layers: list[int] = field(default_factory=lambda: [5])
+    mom2_update_weight: float = 1.0
+    update_norm_lambda: float = 0.0
+    emmet_lambda: float = 0.1
+
+
+def memit_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam: float
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """MEMIT's least squares: ΔW = R (A⁻¹K)ᵀ with A = λC + KKᵀ; returns (left=R, right=A⁻¹K, diagnostics).
+
+    keys [d_in, n], resid [d_out, n], mom2 [d_in, d_in]; float64 throughout.
+    """
+    a = lam * mom2 + keys @ keys.T
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise EditError(None, "MEMIT matrix λC + KKᵀ is not positive definite")
+    adj = torch.cholesky_solve(keys, chol)
+    schur = keys.T @ adj
+    ev = torch.linalg.eigvalsh(a)
+    return resid, adj, {"denominator": float(torch.linalg.eigvalsh(schur)[0]),
+                        "condition": float(ev[-1] / ev[0])}
+
+
+def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam_m: float, mu: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """EMMET's equality-constrained update: ΔW = (R D⁻¹)(C'⁻¹K)ᵀ; pseudo-inverse of D when singular."""
+    c = lam_m * mom2 + mu * torch.eye(mom2.shape[0], dtype=mom2.dtype, device=mom2.device)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) != 0:
+        raise EditError(None, "EMMET matrix λ_m C + μI is not positive definite")
+    c_inv_k = torch.cholesky_solve(keys, chol)
+    d = keys.T @ c_inv_k
+    if keys.shape[1] > 1:
+        d = d + eps * torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
+    ev = torch.linalg.eigvalsh(d)
+    pinv = bool(ev[0] <= ev[-1] * torch.finfo(d.dtype).eps * d.shape[0] * 10)
+    d_inv = torch.linalg.pinv(d, hermitian=True) if pinv else torch.linalg.inv(d)
+    ev_c = torch.linalg.eigvalsh(c)
+    return resid @ d_inv, c_inv_k, {"denominator": float(ev[0]), "condition": float(ev[-1] / ev[0]),
+                                    "condition_c": float(ev_c[-1] / ev_c[0]), "pinv_fallback": pinv}
+
+
+class Memit:
+    """MEMIT: batched least-squares updates of several consecutive layers."""
+
+    name: ClassVar[str] = "memit"
+    single_edit_only: ClassVar[bool] = False
+    HParams: ClassVar[type] = MemitHParams
+
+    def __init__(self, hparams: MemitHParams | None = None) -> None:
+        self.hparams = hparams or self.HParams()
+
+    def layers(self) -> list[int]:
+        """The edited layers, ascending."""
+        return sorted(self.hparams.layers)
+
+    def solve(self, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The method's update factors for one layer."""
+        return memit_solve(keys, resid, mom2, self.hparams.mom2_update_weight)
+
+    def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
+                rec: Recorder) -> list[Delta]:
+        """Updates of every layer for a batch of requests; the model is left unchanged."""
+        layers = self.layers()
+        block = env.arch.block_name(layers[-1])
+        settings = self.hparams.target_settings()
+        targets = [optimise_target(model, tok, r, env.templates, block, settings) for r in requests]
+        z = torch.stack([t.target for t in targets]).double()  # [n, d]
+        deltas: list[Delta] = []
+        applied: list[AppliedDeltas] = []
+        try:
+            for i, layer in enumerate(layers):
+                name = env.arch.rewrite_name(layer)
+                keys = torch.stack([keys_at_subject(model, tok, name, r, env.templates).mixed
+                                    for r in requests]).double().T  # [d_in, n]
+                h = outputs_at_subject(model, tok, block, requests).double()  # [n, d]
+                resid = (z - h).T / (len(layers) - i)  # [d_out, n]
+                left, right, diag = self.solve(keys, resid, env.stats[layer].mom2.double())
+                w_dtype = next(model.parameters()).dtype
+                delta = Delta(module=name, layer=layer, left=left.to(w_dtype), right=right.to(w_dtype))
+                if not delta.is_finite():
+                    raise EditError(requests[0].case_id, f"non-finite update at layer {layer}")
+                rec.log(layer=layer, z_error=float((z - h).norm(dim=1).mean()), **diag)
+                deltas.append(delta)
+                applied.append(apply_deltas(model, [delta]))
+        finally:
+            for a in reversed(applied):
+                a.revert()
+        n = len(targets)
+        rec.log(layer=layers[-1], v_delta_norm=sum(float(t.delta.norm()) for t in targets) / n,
+                v_delta_ratio=sum(float(t.delta.norm() / t.init.norm()) for t in targets) / n,
+                v_steps=sum(t.steps for t in targets) / n, v_loss=sum(t.loss for t in targets) / n,
+                v_nll=sum(t.nll for t in targets) / n, v_kl=sum(t.kl for t in targets) / n)
+        return deltas
+
+
+class Emmet(Memit):
+    """EMMET: the equality-constrained batched update."""
+
+    name: ClassVar[str] = "emmet"
+    HParams: ClassVar[type] = EmmetHParams
+
+    def solve(self, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """EMMET's update factors for one layer."""
+        hp = self.hparams
+        return emmet_solve(keys, resid, mom2, hp.mom2_update_weight, hp.update_norm_lambda, hp.emmet_lambda)
