@@ -64,8 +64,7 @@ def _stats_from_config(model: nn.Module, tok: object, arch: ArchSpec, cfg: dict[
     idents = cfg["stats"]
     first = next(iter(idents.values()))
     if corpus is None:
-        corpus = TextCorpus.packaged() if first["corpus"] == str(TextCorpus.packaged().name) \
-            else TextCorpus.from_file(first["corpus"])
+        corpus = TextCorpus.from_file(first["corpus"])  # the packaged corpus is recorded by its path too
     if corpus.sha256 != first["corpus_sha256"]:
         raise CollapseDiagError(f"statistics corpus {corpus.name} differs from the run's ({first['corpus']})")
     layers = [int(k) for k in idents]
@@ -206,10 +205,10 @@ class EditSession:
         reqs = [self.requests[i] for i in done]
         prompts, targets, owner, kinds = [], [], [], []
         for j, r in enumerate(reqs):
+            if not r.target_true:
+                continue
             for kind, texts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts),
                                 ("neighborhood", r.neighborhood_prompts)):
-                if not r.target_true:
-                    continue
                 for t in texts:
                     t = t.format(r.subject) if "{}" in t else t
                     prompts += [t, t]
@@ -220,7 +219,7 @@ class EditSession:
         p_new, p_true = p[0::2], p[1::2]
         owner_a, kinds_a = np.array(owner, dtype=int), np.array(kinds)
         retention_rows, per_kind = [], {"rewrite": [], "paraphrase": [], "neighborhood": []}
-        was_ok, still_ok = [], []
+        still_ok = []
         for j, i in enumerate(done):
             for kind in per_kind:
                 sel = (owner_a == j) & (kinds_a == kind)
@@ -233,7 +232,6 @@ class EditSession:
                 retention_rows.append({"checkpoint": index, "edit_index": i, "case_id": self.edits[i]["case_id"],
                                        "p_new": float(p_new[k]), "p_true": float(p_true[k]), "success": success})
                 if self.edits[i].get("efficacy"):
-                    was_ok.append(i)
                     still_ok.append(success)
         row = {"edit_index": index, "n_edits": self.n_edits,
                "retention": float(np.mean(still_ok)) if still_ok else float("nan"),

@@ -137,7 +137,6 @@ class Run:
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
-
     def model_at(self, edit_index: int, model: Any = None) -> Any:
         """The model as it was right after ``edit_index``, rebuilt from the stored update factors.
 
