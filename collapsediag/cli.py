@@ -45,7 +45,7 @@ def parse_hparams(pairs: list[str], layers: list[int] | None, editor: str = "rom
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``collapsediag run``: a sequential editing run saved to --out."""
+    """``collapsediag run``: an editing run (sequential, batch or sequential-batch) saved to --out."""
     from .data import load_data
     from .editors import get_editor
     from .models import load_model
@@ -57,35 +57,63 @@ def run_command(args: argparse.Namespace) -> int:
 
     if args.editor is None and not args.resume:
         raise CollapseDiagError("--editor is required (except with --resume)")
-    if args.mode != "sequential":
-        raise CollapseDiagError(f"mode {args.mode!r} is not available yet for {args.editor}: use sequential")
+    resuming = args.resume and (pathlib.Path(args.out) / "config.json").exists()
+    if not resuming:
+        check_mode(args.editor, args.mode, args.batch_size)
     records = load_data(args.data, args.n_edits)
     model, tok = load_model(args.model)
     corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
     cache = StatsCache(args.cache_dir)
-    if args.resume and (pathlib.Path(args.out) / "config.json").exists():
+    if resuming:
         session = EditSession.resume(args.out, model, tok, records, cache=cache, corpus=corpus)
+        batch_size = int(session.config.get("batch_size") or 1)
         log.info("resuming %s after %d edits", args.out, session.n_edits)
     else:
+        batch_size = len(records) if args.mode == "batch" else (args.batch_size or 1)
         editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers, args.editor))
         session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
                               eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
                               templates=None if args.context is None else _templates(model, tok, args),
                               config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
-                                      "batch_size": 1, "stats_corpus": corpus.name,
+                                      "batch_size": batch_size, "stats_corpus": corpus.name,
                                       "eval_text": args.eval_text})
-    session.run(records[session.n_edits:])
+    session.run(records[session.n_edits:], batch_size=batch_size)
     print(format_report([load_run(args.out)]))
     return 0
 
 
+def check_mode(editor: str, mode: str, batch_size: int | None) -> None:
+    """Reject a mode the editor cannot run, or a batch size that contradicts the mode (``ModeError``)."""
+    from .editors import EDITORS
+    from .errors import ModeError
+
+    cls = EDITORS.get(editor)
+    if cls is None:
+        raise CollapseDiagError(f"unknown editor {editor!r}; known: {sorted(EDITORS)}")
+    if mode != "sequential" and cls.single_edit_only:
+        raise ModeError(f"{editor} edits one fact at a time: mode {mode!r} is not available, use --mode sequential")
+    if mode == "sequential" and batch_size not in (None, 1):
+        raise ModeError("--batch-size needs --mode sequential-batch (or --mode batch for one batch of all edits)")
+    if mode == "sequential-batch" and (batch_size is None or batch_size < 1):
+        raise ModeError("--mode sequential-batch needs --batch-size B (B >= 1)")
+    if mode == "batch" and batch_size is not None:
+        raise ModeError("--mode batch makes one batch of all --n-edits edits: leave out --batch-size")
+
+
+def context_lengths(editor: str, n: int) -> tuple[tuple[int, int], ...]:
+    """``--context N``: N prefixes spread evenly over the editor's prefix lengths (ROME: ≤5 and ≤10 tokens;
+    MEMIT and its descendants: ≤10)."""
+    from .editors import EDITORS
+
+    groups = EDITORS[editor].context_lengths
+    return tuple((length, n // len(groups) + (i < n % len(groups))) for i, (length, _) in enumerate(groups))
+
+
 def _templates(model: object, tok: object, args: argparse.Namespace) -> list[str]:
-    """``--context N``: N prefixed templates, half of ≤5 tokens and half of ≤10 (ROME's split)."""
     from .editors.context import generate_templates
 
-    n = args.context
-    return generate_templates(model, tok, ((5, n // 2), (10, n - n // 2)), seed=args.seed)
+    return generate_templates(model, tok, context_lengths(args.editor, args.context), seed=args.seed)
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -136,11 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a sequence of edits and save every signal")
     r.add_argument("--model", default="smollm2-135m", help="HF name or path, or smollm2-135m (embedded)")
-    r.add_argument("--editor", default=None, help="rome | r-rome | memit | emmet (taken from the run with --resume)")
+    r.add_argument("--editor", default=None,
+                   help="rome | r-rome | memit | emmet | d4s | alphaedit (taken from the run with --resume)")
     r.add_argument("--data", required=True, help="counterfact:PATH, facts:PATH or own")
     r.add_argument("--n-edits", type=int, default=None)
-    r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"])
-    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"],
+                   help="sequential: one edit per update; batch: one update of all edits; "
+                        "sequential-batch: updates of --batch-size edits one after another")
+    r.add_argument("--batch-size", type=int, default=None, help="edits per update with sequential-batch")
     r.add_argument("--layers", type=int, nargs="+", default=None)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--eval-every", type=int, default=0, help="re-test earlier edits every K edits and at the end")

@@ -26,3 +26,7 @@ class EditError(CollapseDiagError, RuntimeError):
 
 class ModelNotFoundError(CollapseDiagError, FileNotFoundError):
     """The requested model (or the embedded model's wheel) is not available."""
+
+
+class ModeError(CollapseDiagError):
+    """An editing mode the editor cannot run (e.g. ROME or r-ROME asked for a batch)."""

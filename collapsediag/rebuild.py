@@ -10,19 +10,20 @@ from .errors import CollapseDiagError
 from .models import model_fingerprint
 
 
-def run_deltas(run: object, edit_index: int, arch: ArchSpec) -> list[Delta]:
-    """The updates stored for one edit (empty for an edit whose status is not ok)."""
-    row = run.edits[run.edits["edit_index"] == edit_index]
-    if row.empty or row["status"].iloc[0] != "ok":
+def run_deltas(run: object, batch_index: int, arch: ArchSpec) -> list[Delta]:
+    """The updates stored for one batch (empty when none of its edits is ok)."""
+    rows = run.edits[run.edits["batch_index"] == batch_index]
+    if rows.empty or not (rows["status"] == "ok").any():
         return []
-    factors = run.factors(edit_index)
+    factors = run.factors(batch_index)
     layers = sorted({int(k.split("_", 1)[1]) for k in factors if k.startswith("left_")})
     return [Delta(module=arch.rewrite_name(layer), layer=layer, left=torch.from_numpy(factors[f"left_{layer}"]),
                   right=torch.from_numpy(factors[f"right_{layer}"])) for layer in layers]
 
 
 def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool = True) -> nn.Module:
-    """Apply the updates of edits 0..``upto`` (inclusive) of ``run`` to the unedited ``model`` in place."""
+    """Apply the updates of edits 0..``upto`` of ``run`` (whole batches: the batch holding ``upto`` is
+    included) to the unedited ``model`` in place."""
     if check_fingerprint and model_fingerprint(model) != run.config.get("model_fingerprint"):
         raise CollapseDiagError("the model is not the run's unedited base model (fingerprint differs)")
     done = run.edits["edit_index"].astype(int)
@@ -30,8 +31,9 @@ def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool 
         raise CollapseDiagError(f"run {run.path} has no edit {upto} (last: {int(done.max()) if len(done) else None})")
     arch = ArchSpec(**run.config["arch"])
     device = next(model.parameters()).device
-    for i in sorted(done[done <= upto]):
+    batches = sorted(set(run.edits.loc[done <= upto, "batch_index"].astype(int)))
+    for b in batches:
         deltas = [Delta(d.module, d.layer, d.left.to(device), d.right.to(device))
-                  for d in run_deltas(run, int(i), arch)]
+                  for d in run_deltas(run, b, arch)]
         apply_deltas(model, deltas)
     return model

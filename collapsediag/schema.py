@@ -12,7 +12,7 @@ class Column:
     dtype: str  # int | float | bool | str
     unit: str
     description: str
-    editors: str = "all"  # which editors fill it: all | rome family | batched | emmet
+    editors: str = "all"  # which editors fill it: all | rome family | batched | emmet | d4s | alphaedit
 
 
 def _c(name: str, dtype: str, unit: str, description: str, editors: str = "all") -> Column:
@@ -27,6 +27,7 @@ EDITS = [
     _c("target_new", "str", "-", "object written by the edit"),
     _c("target_true", "str", "-", "true object before the edit"),
     _c("batch_index", "int", "-", "index of the update (batch) this edit belongs to"),
+    _c("batch_size", "int", "count", "number of edits in that batch (1 in sequential mode)"),
     _c("subject_first_token", "bool", "-",
        "the subject starts at the first non-special token of the unprefixed prompt"),
     _c("subject_last_piece", "str", "-", "decoded token at the subject's last position (the edited key)"),
@@ -39,12 +40,14 @@ EDITS = [
        "share of paraphrase prompts with p_new > p_true after the edit (NaN if none)"),
     _c("neighborhood_score", "float", "fraction",
        "share of neighborhood prompts with p_true > p_new after the edit (NaN if none)"),
-    _c("seconds", "float", "s", "wall time of computing, applying and scoring the edit"),
+    _c("seconds", "float", "s",
+       "wall time of computing, applying and scoring the edit (its batch's time shared evenly by its edits)"),
     _c("status", "str", "-", "`ok`, or the error that stopped this edit (weights untouched)"),
 ]
 
 LAYERS = [
-    _c("edit_index", "int", "-", "edit this row belongs to"),
+    _c("edit_index", "int", "-", "edit this row belongs to (the last edit of its batch)"),
+    _c("batch_index", "int", "-", "batch (update) this row belongs to"),
     _c("layer", "int", "-", "edited layer"),
     _c("module", "str", "-", "dotted name of the edited projection"),
     _c("weight_l1", "float", "mean |w|", "‖W‖₁ / numel(W) after the edit"),
@@ -54,9 +57,11 @@ LAYERS = [
     _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
     _c("denominator", "float", "key units",
        "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "
-       "n×n matrix KᵀA⁻¹K (MEMIT) or D (EMMET); ALGORITHMS.md §13)"),
+       "n×n matrix KᵀA⁻¹K (MEMIT: A = λC + KKᵀ; D4S: A = λC + ΣKKᵀ), D (EMMET), or K̃ᵀG⁻¹K̃ with K̃ = UᵀK "
+       "(AlphaEdit); ALGORITHMS.md §13)"),
     _c("condition", "float", "ratio",
-       "condition number of the matrix the method inverts (C for ROME, λC + KKᵀ for MEMIT, D for EMMET)"),
+       "condition number of the matrix the method inverts (C for ROME, λC + KKᵀ for MEMIT, λC + ΣKKᵀ for D4S, "
+       "D for EMMET, G = Uᵀ(KKᵀ + K_pK_pᵀ)U + αI for AlphaEdit)"),
     _c("denominator_consistent", "float", "key units", "k̄ᵀu: the denominator with the prefix-averaged key", "rome family"),
     _c("key_norm_unprefixed", "float", "norm", "‖k_u‖: key of the prompt without prefix", "rome family"),
     _c("key_norm_prefixed", "float", "norm", "‖mean of the prefixed keys‖", "rome family"),
@@ -69,9 +74,14 @@ LAYERS = [
     _c("v_loss", "float", "nats", "final loss of the target optimisation (NLL + KL + decay)"),
     _c("v_nll", "float", "nats", "final mean target NLL over the prefixed prompts"),
     _c("v_kl", "float", "nats", "final weighted KL term"),
-    _c("z_error", "float", "norm", "mean ‖z − h‖ at the last edited layer before this layer's update", "batched"),
+    _c("z_error", "float", "norm", "mean ‖z − h‖ at the last edited layer before this layer's update (D4S: on W₀)",
+       "batched"),
     _c("pinv_fallback", "bool", "-", "D was singular and its pseudo-inverse was used", "emmet"),
     _c("condition_c", "float", "ratio", "condition number of λ_m C + μI", "emmet"),
+    _c("projector_rank", "int", "count", "rank of the null-space projector P (eigenvalues of C below the threshold)",
+       "alphaedit"),
+    _c("cache_trace", "float", "key units²", "trace of Σ K Kᵀ over the edits so far, this batch included",
+       "d4s, alphaedit"),
 ]
 
 EVALS = [
@@ -113,8 +123,10 @@ def markdown() -> str:
     out = ["# Saved-run schema", "",
            "A run is a directory: `config.json`, one JSON Lines file per table below (`<table>.jsonl`,",
            "`pandas.read_json(path, lines=True, precise_float=True)` reads it), `schema.json` (this document as data) and",
-           "`factors/edit_NNNNNN.npz` (the update factors of each edit: arrays `left_<layer>` [d_out, r] and",
-           "`right_<layer>` [d_in, r], ΔW = left @ rightᵀ in Linear orientation).",
+           "`factors/batch_NNNNNN.npz` (the update factors of each batch, i.e. of each edit in sequential mode:",
+           "arrays `left_<layer>` [d_out, r] and `right_<layer>` [d_in, r], ΔW = left @ rightᵀ in Linear",
+           "orientation; D4S and AlphaEdit add `state_keys_<layer>` (and D4S `state_resid_<layer>`), the K and R",
+           "that rebuild their running sums on resume).",
            "Rows are appended as the run goes; a `layers` row counts only once its `edits` row exists.",
            "Generated from `collapsediag/schema.py` (`python -m collapsediag.schema`).", ""]
     for table, cols in TABLES.items():

@@ -22,8 +22,8 @@ from . import __version__
 from .arch import ArchSpec, arch_for, get_module, weight_matrix
 from .editors import Delta, Editor, apply_deltas
 from .editors.base import EditEnv
-from .editors.context import DEFAULT_LENGTHS, generate_templates
-from .errors import CollapseDiagError
+from .editors.context import generate_templates
+from .errors import CollapseDiagError, ModeError
 from .evaluate import success_share, target_probs
 from .fluency import GENERATION_PROMPTS, generation_entropy, heldout_texts, perplexity
 from .models import model_fingerprint, model_name
@@ -101,7 +101,7 @@ class EditSession:
                                                 progress=progress)
         torch.manual_seed(seed)
         if templates is None:
-            templates = generate_templates(model, tok, DEFAULT_LENGTHS, seed=seed)
+            templates = generate_templates(model, tok, editor.context_lengths, seed=seed)
         self.env = EditEnv(arch=self.arch, stats=stats, templates=templates, seed=seed)
         self.diagnostics = diagnostics
         self.eval_every = int(eval_every)
@@ -112,7 +112,9 @@ class EditSession:
         self.checkpoints: list[int] = []
         self.w0 = {layer: weight_matrix(get_module(model, self.arch.rewrite_name(layer))).detach().clone()
                    for layer in self.layers}
+        self.env.initial = self.w0
         self.n_edits = 0
+        self.n_batches = 0
         self.edits: list[dict[str, Any]] = []
         self.layer_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
@@ -143,56 +145,105 @@ class EditSession:
 
     def edit(self, record: dict[str, Any] | EditRequest) -> dict[str, Any]:
         """Make one edit; returns its ``edits`` row. A failed edit leaves the weights untouched."""
-        t0 = time.perf_counter()
-        index = self.n_edits
-        row: dict[str, Any] = {"edit_index": index, "batch_index": index, "status": "ok"}
-        rec: Recorder = Recorder() if self.diagnostics else NullRecorder()
-        layer_rows: list[dict[str, Any]] = []
-        deltas: list[Delta] = []
-        applied = None
-        try:
-            req = _as_request(record, index)
-            self.requests[index] = req
-            row.update(case_id=str(req.case_id), subject=req.subject, prompt=req.prompt,
-                       target_new=req.target_new, target_true=req.target_true)
-            span = subject_span(self.tok, req.prompt, req.subject, req.case_id)
-            row["subject_first_token"] = span.first == first_content_index(self.tok, req.text)
-            row["subject_last_piece"] = span.last_piece
-            row.update(self._probs(req, "before"))
-            deltas = self.editor.compute(self.model, self.tok, [req], self.env, rec)
-            bad = [d.module for d in deltas if not d.is_finite()]
-            if bad:
-                raise CollapseDiagError(f"non-finite update for {bad}; weights left untouched")
-            applied = apply_deltas(self.model, deltas)
-            layer_rows = self._layer_rows(index, deltas, rec) if self.diagnostics else []
-            row.update(self._probs(req, "after"))
-            row["efficacy"] = bool(row["p_new_after"] > row["p_true_after"])
-            row.update(self._scores(req))
-        except (CollapseDiagError, ValueError, RuntimeError) as exc:
-            if applied is not None:
-                applied.revert()
-            row["status"] = f"{type(exc).__name__}: {exc}"
-            row.setdefault("case_id", str(getattr(exc, "record_id", None) or
-                                          (record.get("case_id", index) if isinstance(record, dict) else index)))
-            deltas, layer_rows = [], []
-            if not isinstance(exc, CollapseDiagError):
-                row["status"] += " | " + traceback.format_exc(limit=2).splitlines()[-1]
-        row["seconds"] = time.perf_counter() - t0
-        self._save(index, row, deltas, layer_rows)
-        self.n_edits += 1
-        if self.eval_every and self.n_edits % self.eval_every == 0:
-            self.checkpoint()
-        return row
+        return self.edit_batch([record])[0]
 
-    def run(self, records: Iterable[dict[str, Any] | EditRequest], progress: bool = True) -> list[dict[str, Any]]:
-        """Edit every record in order, with a progress bar."""
+    def edit_batch(self, records: list[dict[str, Any] | EditRequest]) -> list[dict[str, Any]]:
+        """Make one update for every record (one batch); returns their ``edits`` rows.
+
+        A malformed record gets an error row and the rest of the batch goes on; if the update itself
+        fails, every row of the batch records the error and the weights are left untouched.
+        """
+        if not records:
+            return []
+        if len(records) > 1 and self.editor.single_edit_only:
+            raise ModeError(f"{self.editor.name} edits one fact at a time: use --mode sequential (batch size 1)")
+        t0 = time.perf_counter()
+        start, batch = self.n_edits, self.n_batches
+        rows: list[dict[str, Any]] = []
+        todo: list[tuple[dict[str, Any], EditRequest]] = []
+        for j, record in enumerate(records):
+            row = {"edit_index": start + j, "batch_index": batch, "batch_size": len(records), "status": "ok"}
+            try:
+                req = _as_request(record, start + j)
+                row.update(case_id=str(req.case_id), subject=req.subject, prompt=req.prompt,
+                           target_new=req.target_new, target_true=req.target_true)
+                span = subject_span(self.tok, req.prompt, req.subject, req.case_id)
+                row["subject_first_token"] = span.first == first_content_index(self.tok, req.text)
+                row["subject_last_piece"] = span.last_piece
+                row.update(self._probs(req, "before"))
+                todo.append((row, req))
+            except (CollapseDiagError, ValueError, RuntimeError) as exc:
+                self._fail(row, exc, record, start + j)
+            rows.append(row)
+        rec: Recorder = Recorder() if self.diagnostics else NullRecorder()
+        deltas: list[Delta] = []
+        layer_rows: list[dict[str, Any]] = []
+        state: dict[str, np.ndarray] = {}
+        applied = None
+        if todo:
+            try:
+                deltas = self.editor.compute(self.model, self.tok, [q for _, q in todo], self.env, rec)
+                bad = [d.module for d in deltas if not d.is_finite()]
+                if bad:
+                    raise CollapseDiagError(f"non-finite update for {bad}; weights left untouched")
+                applied = apply_deltas(self.model, deltas)
+                after = []
+                for _, req in todo:
+                    res = self._probs(req, "after")
+                    res["efficacy"] = bool(res["p_new_after"] > res["p_true_after"])
+                    res.update(self._scores(req))
+                    after.append(res)
+                layer_rows = self._layer_rows(start + len(records) - 1, batch, deltas, rec) \
+                    if self.diagnostics else []
+                state = self.editor.commit()
+                for (row, req), res in zip(todo, after):
+                    row.update(res)
+                    self.requests[row["edit_index"]] = req
+            except (CollapseDiagError, ValueError, RuntimeError) as exc:
+                if applied is not None:
+                    applied.revert()
+                for row, _ in todo:
+                    self._fail(row, exc, None, row["edit_index"])
+                deltas, layer_rows, state = [], [], {}
+        share = (time.perf_counter() - t0) / len(records)
+        for row in rows:
+            row["seconds"] = share
+        self._save(batch, rows, deltas, layer_rows, state)
+        before = self.n_edits
+        self.n_edits += len(records)
+        self.n_batches += 1
+        if self.eval_every and before // self.eval_every != self.n_edits // self.eval_every:
+            self.checkpoint()
+        return rows
+
+    @staticmethod
+    def _fail(row: dict[str, Any], exc: Exception, record: Any, index: int) -> None:
+        row["status"] = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, CollapseDiagError):
+            row["status"] += " | " + traceback.format_exc(limit=2).splitlines()[-1]
+        row.setdefault("case_id", str(getattr(exc, "record_id", None) or
+                                      (record.get("case_id", index) if isinstance(record, dict) else index)))
+
+    def run(self, records: Iterable[dict[str, Any] | EditRequest], batch_size: int = 1,
+            progress: bool = True) -> list[dict[str, Any]]:
+        """Edit every record in order, ``batch_size`` records per update, with a progress bar.
+
+        ``batch_size=1`` is sequential editing; ``len(records)`` is one batch; anything between is
+        sequential-batch editing. ROME and r-ROME accept only 1 (``ModeError`` otherwise).
+        """
         records = list(records)
-        rows = []
-        bar = tqdm(records, desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
-        for r in bar:
-            rows.append(self.edit(r))
+        if batch_size < 1:
+            raise ModeError(f"batch size must be at least 1, got {batch_size}")
+        if batch_size > 1 and self.editor.single_edit_only:
+            raise ModeError(f"{self.editor.name} edits one fact at a time: use --mode sequential (batch size 1)")
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(total=len(records), desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
+        for i in range(0, len(records), batch_size):
+            rows += self.edit_batch(records[i:i + batch_size])
+            bar.update(min(batch_size, len(records) - i))
             ok = sum(x["status"] == "ok" and bool(x.get("efficacy")) for x in rows)
             bar.set_postfix(efficacy=f"{ok}/{len(rows)}")
+        bar.close()
         if self.eval_every and self.n_edits and self.n_edits - 1 not in self.checkpoints:
             self.checkpoint()
         return rows
@@ -284,6 +335,11 @@ class EditSession:
         last = len(done) - 1
         if last >= 0:
             apply_run(model, run, last, check_fingerprint=False)
+        batches = run.edits.groupby("batch_index")["status"].apply(lambda s: bool((s == "ok").any()))
+        for b, ok in batches.sort_index().items():
+            if ok:
+                arrays = run.factors(int(b))
+                editor.replay({k[6:]: v for k, v in arrays.items() if k.startswith("state_")}, session.env)
         checkpoints = set(run.evals["edit_index"].dropna().astype(int))
         retention = run.retention[run.retention["checkpoint"].isin(checkpoints)]
         session.writer.rewrite("edits", run.edits)
@@ -299,9 +355,12 @@ class EditSession:
             if session.edits[i]["status"] == "ok":
                 session.requests[i] = _as_request(records[i], i)
         session.n_edits = len(done)
-        if session.eval_every and session.n_edits and session.n_edits % session.eval_every == 0 \
-                and last not in checkpoints:
-            session.checkpoint()
+        session.n_batches = len(batches)
+        k = session.eval_every
+        if k and session.n_edits and last not in checkpoints:
+            in_last = int((run.edits["batch_index"] == run.edits["batch_index"].max()).sum())
+            if (session.n_edits - in_last) // k != session.n_edits // k:
+                session.checkpoint()
         return session
 
     def restore(self) -> None:
@@ -329,14 +388,14 @@ class EditSession:
             out[key] = success_share(p[:len(texts)], p[len(texts):], new_wins)
         return out
 
-    def _layer_rows(self, index: int, deltas: list[Delta], rec: Recorder) -> list[dict[str, Any]]:
+    def _layer_rows(self, index: int, batch: int, deltas: list[Delta], rec: Recorder) -> list[dict[str, Any]]:
         _, logged = rec.pop()
         rows = []
         for d in deltas:
             w = weight_matrix(get_module(self.model, d.module)).detach()
             dw = d.dense().to(w.dtype)
             n = w.numel()
-            row = {"edit_index": index, "layer": d.layer, "module": d.module,
+            row = {"edit_index": index, "batch_index": batch, "layer": d.layer, "module": d.module,
                    "weight_l1": float(w.abs().sum() / n), "weight_fro": float(w.norm()),
                    "delta_l1": float(dw.abs().sum() / n), "delta_fro": float(dw.norm()),
                    "drift_fro": float((w - self.w0[d.layer]).norm() / n)}
@@ -347,16 +406,17 @@ class EditSession:
             rows.append(row)
         return rows
 
-    def _save(self, index: int, row: dict[str, Any], deltas: list[Delta], layer_rows: list[dict[str, Any]]) -> None:
-        self.edits.append(row)
+    def _save(self, batch: int, rows: list[dict[str, Any]], deltas: list[Delta], layer_rows: list[dict[str, Any]],
+              state: dict[str, np.ndarray]) -> None:
+        self.edits.extend(rows)
         self.layer_rows.extend(layer_rows)
         if self.writer is None:
             return
         if deltas:
-            factors = {}
+            factors = {f"state_{k}": v for k, v in state.items()}
             for d in deltas:
                 factors[f"left_{d.layer}"] = d.left.detach().cpu().numpy()
                 factors[f"right_{d.layer}"] = d.right.detach().cpu().numpy()
-            self.writer.save_factors(index, factors)
+            self.writer.save_factors(batch, factors)
         self.writer.append("layers", layer_rows)
-        self.writer.append("edits", [row])
+        self.writer.append("edits", rows)

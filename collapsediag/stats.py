@@ -92,7 +92,7 @@ class LayerStats:
     count: int
     identity: dict = field(default_factory=dict)
     _chol: torch.Tensor | None = field(default=None, repr=False)
-    _cond: float | None = field(default=None, repr=False)
+    _eig: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def chol(self) -> torch.Tensor:
@@ -113,12 +113,16 @@ class LayerStats:
         out = torch.cholesky_solve(x64.unsqueeze(1) if vec else x64, self.chol)
         return (out.squeeze(1) if vec else out).to(x.dtype)
 
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of C (computed once)."""
+        if self._eig is None:
+            self._eig = torch.linalg.eigh(self.mom2)
+        return self._eig
+
     def condition(self) -> float:
-        """Condition number of C (computed once)."""
-        if self._cond is None:
-            ev = torch.linalg.eigvalsh(self.mom2)
-            self._cond = float(ev[-1] / ev[0]) if ev[0] > 0 else float("inf")
-        return self._cond
+        """Condition number of C."""
+        ev = self.eigh()[0]
+        return float(ev[-1] / ev[0]) if ev[0] > 0 else float("inf")
 
 
 def compute_second_moments(model: nn.Module, tok: object, arch: ArchSpec, layers: list[int],

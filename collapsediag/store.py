@@ -75,9 +75,9 @@ class RunWriter:
         rows = [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict("records")]
         _atomic_write(self.path / f"{table}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    def save_factors(self, edit_index: int, factors: dict[str, np.ndarray]) -> None:
-        """Store the update factors of one edit (atomic)."""
-        p = self.path / "factors" / f"edit_{edit_index:06d}.npz"
+    def save_factors(self, batch_index: int, factors: dict[str, np.ndarray]) -> None:
+        """Store the update factors (and editor state arrays) of one batch (atomic)."""
+        p = self.path / "factors" / f"batch_{batch_index:06d}.npz"
         tmp = p.with_name(p.stem + ".tmp.npz")
         np.savez(tmp, **factors)
         os.replace(tmp, p)
@@ -105,6 +105,17 @@ def read_table(path: str | os.PathLike, table: str) -> pd.DataFrame:
     return df[cols + extra]
 
 
+def complete_batches(edits: pd.DataFrame, path: object = "") -> pd.DataFrame:
+    """``edits`` without a last batch cut short by a crash (fewer rows than its ``batch_size``)."""
+    if edits.empty or edits["batch_size"].isna().all():
+        return edits
+    counts = edits.groupby("batch_index")["edit_index"].transform("count")
+    keep = counts >= edits["batch_size"].fillna(1)
+    if not keep.all():
+        warnings.warn(f"{path}: dropped {int((~keep).sum())} edits of an unfinished batch", stacklevel=3)
+    return edits[keep].reset_index(drop=True)
+
+
 class Run:
     """A saved run: ``config`` (dict) and the tables ``edits``, ``layers``, ``evals``, ``retention``."""
 
@@ -114,7 +125,7 @@ class Run:
         if not cfg.exists():
             raise CollapseDiagError(f"{self.path} is not a collapsediag run (no config.json)")
         self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
-        self.edits = read_table(self.path, "edits")
+        self.edits = complete_batches(read_table(self.path, "edits"), self.path)
         done = set(self.edits["edit_index"].dropna().astype(int))
         layers = read_table(self.path, "layers")
         self.layers = layers[layers["edit_index"].isin(done)].reset_index(drop=True)
@@ -131,14 +142,19 @@ class Run:
         rows = self.layers[self.layers["layer"] == layer]
         return rows.set_index("edit_index")[metric]
 
-    def factors(self, edit_index: int) -> dict[str, np.ndarray]:
-        """The stored update factors of one edit."""
-        p = self.path / "factors" / f"edit_{edit_index:06d}.npz"
+    def factors(self, batch_index: int) -> dict[str, np.ndarray]:
+        """The stored arrays of one batch (of one edit in a sequential run): ``left_<layer>``,
+        ``right_<layer>`` and, for stateful editors, ``state_*``."""
+        p = self.path / "factors" / f"batch_{batch_index:06d}.npz"
+        if not p.exists():
+            p = self.path / "factors" / f"edit_{batch_index:06d}.npz"  # runs written before batches existed
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
     def model_at(self, edit_index: int, model: Any = None) -> Any:
         """The model as it was right after ``edit_index``, rebuilt from the stored update factors.
+
+        The edits of one batch land together: inside a batch this is the model after the whole batch.
 
         ``model`` is the unedited base model (loaded from ``config["model"]`` when omitted); it is
         edited in place and returned.

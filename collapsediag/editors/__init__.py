@@ -5,10 +5,13 @@ from typing import Any
 
 from ..errors import CollapseDiagError
 from .base import AppliedDeltas, Delta, EditEnv, Editor, HParams, apply_deltas
+from .alphaedit import AlphaEdit, AlphaEditHParams
+from .d4s import D4s, D4sHParams
 from .memit import Emmet, EmmetHParams, Memit, MemitHParams
 from .rome import Rome, RomeHParams, RRome
 
-EDITORS: dict[str, type] = {"rome": Rome, "r-rome": RRome, "memit": Memit, "emmet": Emmet}
+EDITORS: dict[str, type] = {"rome": Rome, "r-rome": RRome, "memit": Memit, "emmet": Emmet, "d4s": D4s,
+                            "alphaedit": AlphaEdit}
 
 
 def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
@@ -21,6 +24,6 @@ def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
     return cls(hp)
 
 
-__all__ = ["EDITORS", "AppliedDeltas", "Delta", "EditEnv", "Editor", "Emmet", "EmmetHParams", "HParams", "Memit",
-           "MemitHParams", "Rome", "RomeHParams",
-           "RRome", "apply_deltas", "get_editor"]
+__all__ = ["EDITORS", "AlphaEdit", "AlphaEditHParams", "AppliedDeltas", "D4s", "D4sHParams", "Delta", "EditEnv",
+           "Editor", "Emmet", "EmmetHParams", "HParams", "Memit", "MemitHParams", "Rome", "RomeHParams", "RRome",
+           "apply_deltas", "get_editor"]

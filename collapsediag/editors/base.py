@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +19,7 @@ from ..errors import CollapseDiagError
 from ..recorder import Recorder
 from ..requests import EditRequest
 from ..stats import LayerStats
+from .context import MEMIT_LENGTHS
 
 
 @dataclass
@@ -102,14 +104,21 @@ class EditEnv:
     stats: dict[int, LayerStats]
     templates: list[str]
     seed: int = 0
+    initial: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> W₀ (Linear convention)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Editor(Protocol):
-    """An editing method: ``compute`` returns updates and leaves the model unchanged."""
+    """An editing method: ``compute`` returns updates and leaves the model unchanged.
+
+    Stateful methods (D4S, AlphaEdit) keep what ``compute`` found as pending; ``commit`` folds it into
+    their state once the session has accepted the update and returns the arrays that let ``replay``
+    rebuild that state when a run is resumed.
+    """
 
     name: ClassVar[str]
     single_edit_only: ClassVar[bool]
+    context_lengths: ClassVar[tuple[tuple[int, int], ...]]
     hparams: HParams
 
     def layers(self) -> list[int]:
@@ -118,3 +127,28 @@ class Editor(Protocol):
     def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
                 rec: Recorder) -> list[Delta]:
         """Updates for ``requests``; diagnostics go to ``rec``."""
+
+    def commit(self) -> dict[str, np.ndarray]:
+        """Accept the last computed update; returns the arrays to save for ``replay``."""
+
+    def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
+        """Fold the arrays saved by ``commit`` back into the state (when resuming)."""
+
+
+class EditorBase:
+    """Defaults shared by the editors: hyper-parameters, no state between updates."""
+
+    name: ClassVar[str] = ""
+    single_edit_only: ClassVar[bool] = False
+    context_lengths: ClassVar[tuple[tuple[int, int], ...]] = MEMIT_LENGTHS
+    HParams: ClassVar[type] = HParams
+
+    def __init__(self, hparams: HParams | None = None) -> None:
+        self.hparams = hparams or self.HParams()
+
+    def commit(self) -> dict[str, np.ndarray]:
+        """Stateless methods save nothing besides their update factors."""
+        return {}
+
+    def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
+        """Stateless methods have nothing to replay."""

@@ -9,6 +9,8 @@ from torch import nn
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 # ROME: 10 prefixes of ≤5 new tokens and 10 of ≤10, plus the unprefixed template.
 DEFAULT_LENGTHS = ((5, 10), (10, 10))
+# MEMIT and its descendants: 5 prefixes of ≤10 tokens plus the unprefixed template (ALGORITHMS.md §5.2).
+MEMIT_LENGTHS = ((10, 5),)
 
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z']*[.,;:!?\"]*")

@@ -17,14 +17,14 @@ from torch import nn
 from ..errors import EditError
 from ..recorder import Recorder
 from ..requests import EditRequest
-from .base import AppliedDeltas, Delta, EditEnv, HParams, apply_deltas
+from .base import AppliedDeltas, Delta, EditEnv, EditorBase, HParams, apply_deltas
 from .keys import keys_at_subject, outputs_at_subject
 from .target import TargetSettings, optimise_target
 
 
 @dataclass
-class MemitHParams(HParams):
-    """MEMIT hyper-parameters (Llama-style settings of ALGORITHMS.md §5.4)."""
+class BatchHParams(HParams):
+    """Edited layers and the target (z) optimisation shared by MEMIT and its descendants."""
 
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
     z_num_grad_steps: int = 20
@@ -32,7 +32,6 @@ class MemitHParams(HParams):
     z_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
-    mom2_update_weight: float = 15000.0
 
     def target_settings(self) -> TargetSettings:
         """The shared target-optimisation settings."""
@@ -41,7 +40,14 @@ class MemitHParams(HParams):
 
 
 @dataclass
-class EmmetHParams(MemitHParams):
+class MemitHParams(BatchHParams):
+    """MEMIT hyper-parameters (Llama-style settings of ALGORITHMS.md §5.4); λ = mom2_update_weight."""
+
+    mom2_update_weight: float = 15000.0
+
+
+@dataclass
+class EmmetHParams(BatchHParams):
     """EMMET hyper-parameters: λ_m scales C, μ is a ridge on C', ε the ridge on D for batches."""
 
     layers: list[int] = field(default_factory=lambda: [5])
@@ -86,24 +92,25 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam
                                     "condition_c": float(ev_c[-1] / ev_c[0]), "pinv_fallback": pinv}
 
 
-class Memit:
+class Memit(EditorBase):
     """MEMIT: batched least-squares updates of several consecutive layers."""
 
     name: ClassVar[str] = "memit"
-    single_edit_only: ClassVar[bool] = False
     HParams: ClassVar[type] = MemitHParams
-
-    def __init__(self, hparams: MemitHParams | None = None) -> None:
-        self.hparams = hparams or self.HParams()
+    residual_once: ClassVar[bool] = False  # D4S measures Z − H once, before the layer loop
 
     def layers(self) -> list[int]:
         """The edited layers, ascending."""
         return sorted(self.hparams.layers)
 
-    def solve(self, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor
+    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, env: EditEnv
               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """The method's update factors for one layer."""
-        return memit_solve(keys, resid, mom2, self.hparams.mom2_update_weight)
+        """The method's update factors (left, right) for one layer, and its diagnostics."""
+        return memit_solve(keys, resid, env.stats[layer].mom2.double(), self.hparams.mom2_update_weight)
+
+    def apply_temporarily(self, model: nn.Module, delta: Delta) -> AppliedDeltas:
+        """Write one layer's update so the next layers' keys see it (reverted at the end of compute)."""
+        return apply_deltas(model, [delta])
 
     def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
                 rec: Recorder) -> list[Delta]:
@@ -113,6 +120,8 @@ class Memit:
         settings = self.hparams.target_settings()
         targets = [optimise_target(model, tok, r, env.templates, block, settings) for r in requests]
         z = torch.stack([t.target for t in targets]).double()  # [n, d]
+        h_once = outputs_at_subject(model, tok, block, requests).double() if self.residual_once else None
+        w_dtype = next(model.parameters()).dtype
         deltas: list[Delta] = []
         applied: list[AppliedDeltas] = []
         try:
@@ -120,16 +129,15 @@ class Memit:
                 name = env.arch.rewrite_name(layer)
                 keys = torch.stack([keys_at_subject(model, tok, name, r, env.templates).mixed
                                     for r in requests]).double().T  # [d_in, n]
-                h = outputs_at_subject(model, tok, block, requests).double()  # [n, d]
+                h = h_once if h_once is not None else outputs_at_subject(model, tok, block, requests).double()
                 resid = (z - h).T / (len(layers) - i)  # [d_out, n]
-                left, right, diag = self.solve(keys, resid, env.stats[layer].mom2.double())
-                w_dtype = next(model.parameters()).dtype
+                left, right, diag = self.solve(layer, keys, resid, env)
                 delta = Delta(module=name, layer=layer, left=left.to(w_dtype), right=right.to(w_dtype))
                 if not delta.is_finite():
                     raise EditError(requests[0].case_id, f"non-finite update at layer {layer}")
                 rec.log(layer=layer, z_error=float((z - h).norm(dim=1).mean()), **diag)
                 deltas.append(delta)
-                applied.append(apply_deltas(model, [delta]))
+                applied.append(self.apply_temporarily(model, delta))
         finally:
             for a in reversed(applied):
                 a.revert()
@@ -147,8 +155,9 @@ class Emmet(Memit):
     name: ClassVar[str] = "emmet"
     HParams: ClassVar[type] = EmmetHParams
 
-    def solve(self, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor
+    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, env: EditEnv
               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """EMMET's update factors for one layer."""
         hp = self.hparams
-        return emmet_solve(keys, resid, mom2, hp.mom2_update_weight, hp.update_norm_lambda, hp.emmet_lambda)
+        return emmet_solve(keys, resid, env.stats[layer].mom2.double(), hp.mom2_update_weight,
+                           hp.update_norm_lambda, hp.emmet_lambda)

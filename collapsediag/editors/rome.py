@@ -16,7 +16,8 @@ from ..arch import get_module, weight_matrix
 from ..errors import EditError
 from ..recorder import Recorder
 from ..requests import EditRequest
-from .base import Delta, EditEnv, HParams
+from .base import Delta, EditEnv, EditorBase, HParams
+from .context import DEFAULT_LENGTHS
 from .keys import keys_at_subject
 from .target import TargetSettings, optimise_target
 
@@ -39,16 +40,14 @@ class RomeHParams(HParams):
                               clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor)
 
 
-class Rome:
+class Rome(EditorBase):
     """Original ROME: the unprefixed key k_u enters the denominator and the value residual."""
 
     name: ClassVar[str] = "rome"
     single_edit_only: ClassVar[bool] = True
+    context_lengths: ClassVar[tuple[tuple[int, int], ...]] = DEFAULT_LENGTHS
     consistent_keys: ClassVar[bool] = False
     HParams: ClassVar[type] = RomeHParams
-
-    def __init__(self, hparams: RomeHParams | None = None) -> None:
-        self.hparams = hparams or RomeHParams()
 
     def layers(self) -> list[int]:
         """The single edited layer."""
