@@ -364,10 +364,12 @@ class EditSession:
         return session
 
     def restore(self) -> None:
-        """Put every edited weight back to its value when the session started."""
+        """Put every edited weight back to its value when the session started (and clear the editor's
+        running state, e.g. D4S's sums)."""
         with torch.no_grad():
             for layer, w0 in self.w0.items():
                 weight_matrix(get_module(self.model, self.arch.rewrite_name(layer))).copy_(w0)
+        self.editor.reset()
 
     def _probs(self, req: EditRequest, when: str) -> dict[str, float]:
         targets = [req.target_new] + ([req.target_true] if req.target_true else [])

@@ -137,3 +137,16 @@ def test_stateful_editor_resumes_to_the_same_weights(tok, env_for, tmp_path, nam
     resumed.run(RECORDS[2:], progress=False)
     for k, v in fresh.state_dict().items():
         assert torch.allclose(v, full_model.state_dict()[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_restore_clears_the_running_state(tiny, env_for, tmp_path):
+    """After restore, a D4S step starts again from W₀: the same edit gives the same weights as the first time."""
+    model, tok = tiny
+    env = env_for(model, [1], tmp_path)
+    s = _session(model, tok, env, "d4s", {"layers": [1], "z_num_grad_steps": 2, "mom2_update_weight": 1.0}, None)
+    s.edit(RECORDS[0])
+    first = weight_matrix(get_module(model, env.arch.rewrite_name(1))).clone()
+    s.restore()
+    assert s.editor.sums == {}
+    s.edit(RECORDS[0])
+    assert torch.allclose(weight_matrix(get_module(model, env.arch.rewrite_name(1))), first, rtol=1e-6, atol=1e-8)

@@ -100,6 +100,10 @@ class AlphaEdit(Memit):
         self._pending = {}
         return out
 
+    def reset(self) -> None:
+        """Drop the accumulated keys (the weights are back at W₀)."""
+        self.cache, self._pending = {}, {}
+
     def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
         """Fold saved keys back into the cache."""
         device = next(iter(env.stats.values())).mom2.device if env.stats else "cpu"

@@ -134,6 +134,9 @@ class Editor(Protocol):
     def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
         """Fold the arrays saved by ``commit`` back into the state (when resuming)."""
 
+    def reset(self) -> None:
+        """Forget every committed update (the weights were put back to W₀)."""
+
 
 class EditorBase:
     """Defaults shared by the editors: hyper-parameters, no state between updates."""
@@ -152,3 +155,6 @@ class EditorBase:
 
     def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
         """Stateless methods have nothing to replay."""
+
+    def reset(self) -> None:
+        """Stateless methods have nothing to forget."""

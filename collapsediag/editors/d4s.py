@@ -127,6 +127,10 @@ class D4s(Memit):
         self._pending = {}
         return out
 
+    def reset(self) -> None:
+        """Drop the running sums (the weights are back at W₀)."""
+        self.sums, self._pending = {}, {}
+
     def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
         """Fold saved K and R back into the sums."""
         device = next(iter(env.stats.values())).mom2.device if env.stats else "cpu"
