@@ -1,4 +1,4 @@
-"""Command line: ``collapsediag run | report | demo``."""
+"""Command line: ``collapsediag run | report | figures | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -121,7 +121,17 @@ def report_command(args: argparse.Namespace) -> int:
     from .report import format_report
     from .store import load_run
 
-    print(format_report([load_run(d) for d in args.dirs]))
+    print(format_report([load_run(d) for d in args.dirs], fmt=args.format), end="")
+    return 0
+
+
+def figures_command(args: argparse.Namespace) -> int:
+    """``collapsediag figures DIR [DIR ...] --out figures/``: every figure as PNG and PDF."""
+    from .plots import write_figures
+    from .store import load_run
+
+    for path in write_figures([load_run(d) for d in args.dirs], args.out):
+        print(path)
     return 0
 
 
@@ -185,9 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-dir", default=None, help="statistics cache (default ~/.cache/collapsediag)")
     r.set_defaults(func=run_command)
 
-    rp = sub.add_parser("report", help="summary table and failed edits of saved runs")
+    rp = sub.add_parser("report", help="summary, flagged edits and forgetting phases of saved runs")
     rp.add_argument("dirs", nargs="+")
+    rp.add_argument("--format", default="text", choices=["text", "markdown"])
     rp.set_defaults(func=report_command)
+
+    fg = sub.add_parser("figures", help="write the figures of saved runs (PNG and PDF)")
+    fg.add_argument("dirs", nargs="+")
+    fg.add_argument("--out", default="figures")
+    fg.set_defaults(func=figures_command)
 
     d = sub.add_parser("demo", help="ROME vs r-ROME on the embedded model")
     d.add_argument("--out", default="runs/demo")

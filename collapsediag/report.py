@@ -41,14 +41,41 @@ def failed_edits(run: Run) -> pd.DataFrame:
     return e.loc[e["status"] != "ok", ["edit_index", "case_id", "status"]].reset_index(drop=True)
 
 
-def format_report(runs: list[Run]) -> str:
-    """Plain-text report: the summary table, then every edit that did not succeed."""
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    """``df`` as a GitHub markdown table (floats formatted with ``floatfmt``)."""
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return "" if np.isnan(v) else floatfmt.format(v)
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def format_report(runs: list[Run], fmt: str = "text") -> str:
+    """Report of saved runs: the summary table, the flagged edits, the forgetting phases and every edit
+    that did not succeed; ``fmt`` is ``text`` or ``markdown``."""
+    from .analysis import flag_disabling_edits, forgetting_phases
+
+    if fmt not in ("text", "markdown"):
+        raise ValueError(f"unknown report format {fmt!r}: text or markdown")
     table = pd.concat([summary(r) for r in runs], ignore_index=True)
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format",
-                           "{:.4g}".format):
-        parts = ["Summary", table.to_string(index=False)]
-        for r in runs:
-            bad = failed_edits(r)
-            if len(bad):
-                parts += [f"\nEdits not ok in {r.path.name}:", bad.to_string(index=False)]
-    return "\n".join(parts)
+    flags = pd.concat([flag_disabling_edits(r).assign(run=r.path.name) for r in runs], ignore_index=True)
+    flags = flags[["run"] + [c for c in flags.columns if c != "run"]]
+    phases = pd.DataFrame([dict(run=r.path.name, **forgetting_phases(r)) for r in runs])
+    sections = [("Summary", table), ("Flagged edits (possible disabling edits)", flags),
+                ("Forgetting phases", phases)]
+    for r in runs:
+        bad = failed_edits(r)
+        if len(bad):
+            sections.append((f"Edits not ok in {r.path.name}", bad))
+    parts = []
+    for title, df in sections:
+        if fmt == "markdown":
+            parts += [f"## {title}", "", markdown_table(df) if len(df) else "(none)", ""]
+        else:
+            with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format",
+                                   "{:.4g}".format):
+                parts += [title, df.to_string(index=False) if len(df) else "(none)", ""]
+    return "\n".join(parts).rstrip() + "\n"

@@ -55,6 +55,7 @@ LAYERS = [
     _c("delta_l1", "float", "mean |w|", "‖ΔW‖₁ / numel(W) of this edit's update"),
     _c("delta_fro", "float", "norm", "‖ΔW‖_F of this edit's update"),
     _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
+    _c("drift_l1", "float", "mean |w|", "‖W − W₀‖₁ / numel(W) (D4S's delta_nom_1: the total change so far)"),
     _c("denominator", "float", "key units",
        "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "
        "n×n matrix KᵀA⁻¹K (MEMIT: A = λC + KKᵀ; D4S: A = λC + ΣKKᵀ), D (EMMET), or K̃ᵀG⁻¹K̃ with K̃ = UᵀK "
@@ -85,7 +86,7 @@ LAYERS = [
 ]
 
 EVALS = [
-    _c("edit_index", "int", "-", "last edit applied before this checkpoint"),
+    _c("edit_index", "int", "-", "last edit applied before this checkpoint (−1: the unedited baseline)"),
     _c("n_edits", "int", "count", "edits applied so far"),
     _c("retention", "float", "fraction", "share of earlier successful edits still successful"),
     _c("efficacy", "float", "fraction", "efficacy over earlier edits"),

@@ -157,6 +157,8 @@ class EditSession:
             return []
         if len(records) > 1 and self.editor.single_edit_only:
             raise ModeError(f"{self.editor.name} edits one fact at a time: use --mode sequential (batch size 1)")
+        if self.eval_every and self.n_edits == 0 and not self.checkpoints:
+            self.checkpoint()  # the unedited baseline (edit_index −1)
         t0 = time.perf_counter()
         start, batch = self.n_edits, self.n_batches
         rows: list[dict[str, Any]] = []
@@ -205,6 +207,10 @@ class EditSession:
                 for row, _ in todo:
                     self._fail(row, exc, None, row["edit_index"])
                 deltas, layer_rows, state = [], [], {}
+            except BaseException:  # e.g. KeyboardInterrupt in a notebook: leave the weights as they were
+                if applied is not None:
+                    applied.revert()
+                raise
         share = (time.perf_counter() - t0) / len(records)
         for row in rows:
             row["seconds"] = share
@@ -400,7 +406,8 @@ class EditSession:
             row = {"edit_index": index, "batch_index": batch, "layer": d.layer, "module": d.module,
                    "weight_l1": float(w.abs().sum() / n), "weight_fro": float(w.norm()),
                    "delta_l1": float(dw.abs().sum() / n), "delta_fro": float(dw.norm()),
-                   "drift_fro": float((w - self.w0[d.layer]).norm() / n)}
+                   "drift_fro": float((w - self.w0[d.layer]).norm() / n),
+                   "drift_l1": float((w - self.w0[d.layer]).abs().sum() / n)}
             stats = self.env.stats.get(d.layer)
             if stats is not None:
                 row["condition"] = stats.condition()

@@ -47,7 +47,9 @@ def test_retention_rows(tok, env_for, tmp_path, n, k):
     s.run(FACTS[:n], progress=False)
     run = load_run(tmp_path / "run")
     checkpoints = sorted(set(list(range(k - 1, n, k)) + [n - 1]))
-    assert run.evals["edit_index"].tolist() == checkpoints
+    assert run.evals["edit_index"].tolist() == [-1] + checkpoints  # −1: the unedited baseline
+    base = run.evals.iloc[0]
+    assert base["n_edits"] == 0 and base["perplexity"] > 1 and np.isnan(base["retention"])
     ok = run.edits.loc[run.edits["status"] == "ok", "edit_index"].tolist()
     assert len(run.retention) == sum(sum(1 for i in ok if i <= c) for c in checkpoints)
     for c in checkpoints:

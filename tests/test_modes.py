@@ -64,8 +64,9 @@ def test_sequential_batch_rows_factors_and_rebuild(tiny, env_for, tmp_path):
     base = {n: p.clone() for n, p in model.state_dict().items()}
     s = _memit_session(model, tok, env, out=tmp_path / "run", eval_every=3, eval_texts=corpus_texts(4),
                        generation_prompts=["The city"], generation_tokens=4)
-    after_first = None
-    rows = s.run(FOUR, batch_size=2)
+    rows = s.edit_batch(FOUR[:2])
+    after_first = {n: p.clone() for n, p in model.state_dict().items()}
+    rows += s.edit_batch(FOUR[2:])
     assert [r["batch_index"] for r in rows] == [0, 0, 1, 1] and {r["batch_size"] for r in rows} == {2}
     run = load_run(tmp_path / "run")
     assert run.layers[["edit_index", "batch_index", "layer"]].values.tolist() == [[1, 0, 1], [1, 0, 2],
@@ -73,17 +74,16 @@ def test_sequential_batch_rows_factors_and_rebuild(tiny, env_for, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "factors").iterdir()) == ["batch_000000.npz",
                                                                               "batch_000001.npz"]
     assert run.factors(0)["left_1"].shape[1] == 2
-    assert run.evals["edit_index"].tolist() == [3]  # crossing edit 3 inside the second batch
+    assert run.evals["edit_index"].tolist() == [-1, 3]  # baseline, then crossing edit 3 inside batch 1
     assert (run.retention["checkpoint"] == 3).all() and len(run.retention) == 4
     final = {n: p.clone() for n, p in model.state_dict().items()}
     s.restore()
     assert all(torch.equal(p, base[n]) for n, p in model.state_dict().items())
-    for upto in (0, 1):  # inside the first batch: the model after that whole batch
+    for upto in (0, 1):  # inside the first batch: the model after that whole batch, not after the run
         m = run.model_at(upto, model=make_model(model.config.model_type, len(tok)))
-        if after_first is None:
-            after_first = {n: p.clone() for n, p in m.state_dict().items()}
-        assert all(torch.equal(p, after_first[n]) for n, p in m.state_dict().items())
-    assert any(not torch.equal(after_first[n], base[n]) for n in base)
+        for n, p in m.state_dict().items():
+            assert torch.allclose(p, after_first[n], rtol=1e-6, atol=0), n
+    assert any(not torch.equal(after_first[n], final[n]) for n in base)
     m = run.model_at(3, model=make_model(model.config.model_type, len(tok)))
     for n, p in m.state_dict().items():
         assert torch.allclose(p, final[n], rtol=1e-6, atol=0), n

@@ -150,3 +150,19 @@ def test_restore_clears_the_running_state(tiny, env_for, tmp_path):
     assert s.editor.sums == {}
     s.edit(RECORDS[0])
     assert torch.allclose(weight_matrix(get_module(model, env.arch.rewrite_name(1))), first, rtol=1e-6, atol=1e-8)
+
+
+def test_d4s_measures_every_step_on_the_unedited_weights(tok, env_for, tmp_path):
+    """Step 2's keys and residuals equal those a fresh D4S finds for that record alone on W₀."""
+    hp = {"layers": [1, 2], "z_num_grad_steps": 3, "mom2_update_weight": 1.0}
+    model = make_model("gpt2", len(tok))
+    env = env_for(model, [1, 2], tmp_path)
+    _session(model, tok, env, "d4s", hp, tmp_path / "run").run(RECORDS[:2], progress=False)
+    saved = load_run(tmp_path / "run").factors(1)
+    state = {k: v for k, v in saved.items() if k.startswith("state_")}
+    fresh = get_editor("d4s", hp)
+    fresh.compute(make_model("gpt2", len(tok)), tok, [REQS[1]], env, Recorder())
+    arrays = fresh.commit()
+    for key in ("keys_1", "resid_1"):
+        np.testing.assert_allclose(state[f"state_{key}"], arrays[key], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(state["state_resid_1"], load_run(tmp_path / "run").factors(0)["state_resid_1"])

@@ -14,10 +14,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import EditError
+from ..recorder import Recorder
+from ..requests import EditRequest
 from ..stats import LayerStats
-from .base import EditEnv
+from .base import Delta, EditEnv
 from .memit import BatchHParams, Memit
 
 
@@ -75,6 +78,12 @@ class AlphaEdit(Memit):
         if layer not in self._basis:
             self._basis[layer] = null_space_basis(env.stats[layer], self.hparams.nullspace_threshold).double()
         return self._basis[layer]
+
+    def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
+                rec: Recorder) -> list[Delta]:
+        """MEMIT's layer loop with AlphaEdit's solve; the keys wait for ``commit``."""
+        self._pending = {}
+        return super().compute(model, tok, requests, env, rec)
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, env: EditEnv
               ) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -1,0 +1,190 @@
+"""Post-hoc analysis of saved runs (DESIGN.md §6): disabling edits and forgetting phases.
+
+>>> run = load_run("runs/rome")
+>>> flag_disabling_edits(run)            # one row per (edit, signal that fired)
+>>> forgetting_phases(run)["onset"]      # edit index where forgetting turns catastrophic
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from .arch import ArchSpec
+from .editors.base import apply_deltas
+from .errors import CollapseDiagError
+from .models import model_fingerprint
+from .rebuild import run_deltas
+from .store import Run
+
+FLAG_COLUMNS = ["edit_index", "case_id", "layer", "signal", "value", "threshold", "first_edit"]
+
+
+def robust_z(values: pd.Series | np.ndarray) -> np.ndarray:
+    """(x − median) / (1.4826 · MAD): a z-score that a few outliers cannot hide behind.
+
+    With MAD = 0 (most values equal) every value off the median gets ±inf.
+    """
+    x = np.asarray(values, dtype=float)
+    med = np.nanmedian(x)
+    mad = 1.4826 * np.nanmedian(np.abs(x - med))
+    if mad == 0 or not np.isfinite(mad):
+        with np.errstate(invalid="ignore"):
+            return np.where(x == med, 0.0, np.sign(x - med) * np.inf)
+    return (x - med) / mad
+
+
+def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float = 0.25,
+                         perplexity_ratio: float = 1.5, entropy_drop: float = 0.75) -> pd.DataFrame:
+    """Edits that may have disabled the model, one row per signal that fired.
+
+    Signals (thresholds are the parameters):
+      ``update_norm``: robust z-score of log ‖ΔW‖_F within the run and layer above ``norm_z`` (3.5);
+      ``denominator``: the update denominator below ``denominator_ratio`` (0.25) × the run's median;
+      ``perplexity_jump``: held-out perplexity over the previous checkpoint's above ``perplexity_ratio`` (1.5);
+      ``entropy_drop``: generation entropy fell by more than ``entropy_drop`` bits (0.75) since the last
+      checkpoint.
+    Model-level signals name the checkpoint's last edit; ``first_edit`` is the first edit since the
+    previous checkpoint (the edits between the two are the suspects).
+    """
+    rows: list[dict[str, Any]] = []
+    case = dict(zip(run.edits["edit_index"], run.edits["case_id"]))
+    ly = run.layers.dropna(subset=["edit_index"])
+    for layer, g in ly.groupby("layer"):
+        norms = g["delta_fro"].astype(float)
+        z = robust_z(np.log(norms.clip(lower=1e-30)))
+        for (_, r), zi in zip(g.iterrows(), z):
+            if zi > norm_z:
+                rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "update_norm",
+                             "value": float(r["delta_fro"]), "threshold": norm_z, "score": float(zi)})
+        den = g["denominator"].astype(float)
+        med = den.median()
+        if np.isfinite(med) and med > 0:
+            for _, r in g[den < denominator_ratio * med].iterrows():
+                rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "denominator",
+                             "value": float(r["denominator"]), "threshold": denominator_ratio * med,
+                             "score": float(r["denominator"] / med)})
+    ev = run.evals.dropna(subset=["edit_index"]).sort_values("edit_index")
+    prev = None
+    for _, r in ev.iterrows():
+        if prev is not None:
+            first = int(prev["edit_index"]) + 1
+            ratio = float(r["perplexity"] / prev["perplexity"])
+            if ratio > perplexity_ratio:
+                rows.append({"edit_index": int(r["edit_index"]), "signal": "perplexity_jump", "value": ratio,
+                             "threshold": perplexity_ratio, "first_edit": first, "score": ratio})
+            drop = float(prev["generation_entropy"] - r["generation_entropy"])
+            if drop > entropy_drop:
+                rows.append({"edit_index": int(r["edit_index"]), "signal": "entropy_drop", "value": drop,
+                             "threshold": entropy_drop, "first_edit": first, "score": drop})
+        prev = r
+    out = pd.DataFrame(rows, columns=FLAG_COLUMNS + ["score"])
+    out["case_id"] = out["edit_index"].map(case)
+    out["first_edit"] = out["first_edit"].fillna(out["edit_index"]).astype(int)
+    return out.sort_values(["edit_index", "signal"]).reset_index(drop=True)
+
+
+def confirm_disabling_edits(run: Run, edit_indices: list[int], model: nn.Module, tok: object,
+                            texts: list[str], perplexity_ratio: float = 1.5) -> pd.DataFrame:
+    """Apply each edit's update alone to the unedited ``model`` and measure held-out perplexity.
+
+    Returns edit_index, perplexity_base, perplexity_alone, ratio and ``disabling`` (ratio above
+    ``perplexity_ratio``). The model is left unedited.
+    """
+    from .fluency import perplexity
+
+    if model_fingerprint(model) != run.config.get("model_fingerprint"):
+        raise CollapseDiagError("confirmation needs the run's unedited base model (fingerprint differs)")
+    arch = ArchSpec(**run.config["arch"])
+    device = next(model.parameters()).device
+    base = perplexity(model, tok, texts)
+    rows = []
+    for i in edit_indices:
+        match = run.edits.loc[run.edits["edit_index"] == i, "batch_index"]
+        if match.empty:
+            raise CollapseDiagError(f"run {run.path} has no edit {i}")
+        deltas = run_deltas(run, int(match.iloc[0]), arch)
+        with apply_deltas(model, [d.__class__(d.module, d.layer, d.left.to(device), d.right.to(device))
+                                  for d in deltas]):
+            alone = perplexity(model, tok, texts)
+        rows.append({"edit_index": int(i), "perplexity_base": base, "perplexity_alone": alone,
+                     "ratio": alone / base, "disabling": bool(alone / base > perplexity_ratio)})
+    return pd.DataFrame(rows, columns=["edit_index", "perplexity_base", "perplexity_alone", "ratio", "disabling"])
+
+
+def flag_scores(flags: pd.DataFrame, confirmed: pd.DataFrame) -> pd.DataFrame:
+    """Precision and recall of each cheap signal (and of any signal) against the confirmation.
+
+    ``confirmed`` is the output of ``confirm_disabling_edits`` over the edits checked; only those edits count.
+    """
+    checked = set(confirmed["edit_index"])
+    truth = set(confirmed.loc[confirmed["disabling"], "edit_index"])
+    rows = []
+    for signal in ["any"] + sorted(flags["signal"].unique()):
+        sel = flags if signal == "any" else flags[flags["signal"] == signal]
+        hit = set(sel["edit_index"]) & checked
+        tp = len(hit & truth)
+        rows.append({"signal": signal, "flagged": len(hit), "disabling": len(truth), "true_positives": tp,
+                     "precision": tp / len(hit) if hit else np.nan,
+                     "recall": tp / len(truth) if truth else np.nan})
+    return pd.DataFrame(rows)
+
+
+def change_point(x: np.ndarray, y: np.ndarray, min_size: int = 3) -> tuple[int, float]:
+    """Split of (x, y) into two straight-line segments with the least total squared error.
+
+    Returns (index of the first point of the second segment, the SSE reduction over one line as a share).
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x)
+    if n < 2 * min_size:
+        raise CollapseDiagError(f"change point needs at least {2 * min_size} points, got {n}")
+
+    def sse(xs: np.ndarray, ys: np.ndarray) -> float:
+        if len(xs) < 2 or np.ptp(xs) == 0:
+            return float(((ys - ys.mean()) ** 2).sum())
+        coef = np.polyfit(xs, ys, 1)
+        return float(((np.polyval(coef, xs) - ys) ** 2).sum())
+
+    whole = sse(x, y)
+    best, best_k = np.inf, min_size
+    for k in range(min_size, n - min_size + 1):
+        s = sse(x[:k], y[:k]) + sse(x[k:], y[k:])
+        if s < best:
+            best, best_k = s, k
+    return best_k, (1 - best / whole) if whole > 0 else 0.0
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.polyfit(x, y, 1)[0]) if len(x) >= 2 and np.ptp(x) > 0 else float("nan")
+
+
+def forgetting_phases(run: Run, min_size: int = 3, steepening: float = 3.0, min_drop: float = 0.2
+                      ) -> dict[str, Any]:
+    """The gradual phase and the onset of catastrophic forgetting, from the evals table.
+
+    Fits two line segments to retention over the edit index (and to log perplexity). ``onset`` is the
+    first checkpoint of the second retention segment; ``catastrophic`` says whether that segment falls
+    ``steepening`` times faster than the gradual one and loses at least ``min_drop`` retention.
+    Slopes are per edit.
+    """
+    ev = run.evals.dropna(subset=["retention"]).sort_values("edit_index")
+    x, ret = ev["edit_index"].to_numpy(float), ev["retention"].to_numpy(float)
+    out: dict[str, Any] = {"checkpoints": len(ev)}
+    if len(ev) < 2 * min_size:
+        return dict(out, onset=None, catastrophic=False, gradual_slope=_slope(x, ret), catastrophic_slope=None,
+                    perplexity_onset=None)
+    k, gain = change_point(x, ret, min_size)
+    before, after = _slope(x[:k], ret[:k]), _slope(x[k:], ret[k:])
+    drop = float(ret[k - 1] - ret[-1])
+    catastrophic = bool(after < 0 and after < steepening * min(before, 0) - 1e-12 and drop >= min_drop)
+    ppl = run.evals.dropna(subset=["perplexity"]).sort_values("edit_index")
+    p_onset = None
+    if len(ppl) >= 2 * min_size:
+        pk, _ = change_point(ppl["edit_index"].to_numpy(float), np.log(ppl["perplexity"].to_numpy(float)), min_size)
+        p_onset = int(ppl["edit_index"].iloc[pk])
+    return dict(out, onset=int(x[k]), catastrophic=catastrophic, gradual_slope=before, catastrophic_slope=after,
+                retention_at_onset=float(ret[k]), retention_final=float(ret[-1]), fit_gain=gain,
+                perplexity_onset=p_onset)

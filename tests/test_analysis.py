@@ -1,0 +1,112 @@
+"""Disabling-edit flags and forgetting phases on synthetic runs with known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from collapsediag import load_run
+from collapsediag.analysis import (change_point, confirm_disabling_edits, flag_disabling_edits, flag_scores,
+                                   forgetting_phases, robust_z)
+from collapsediag.store import RunWriter
+
+NORM_OUT, DEN_OUT, PPL_JUMP, ENT_DROP = {7, 19, 33}, {12, 27}, 25, 31
+
+
+def synthetic_run(path, n=40, retention=None, seed=0):
+    """A saved run with planted outliers (two layers, a checkpoint after every edit)."""
+    rng = np.random.default_rng(seed)
+    w = RunWriter.create(path, {"editor": "rome", "arch": {}, "initial_weights": {}})
+    edits, layers, evals = [], [], []
+    ppl, ent = 8.0, 5.5
+    for i in range(n):
+        edits.append({"edit_index": i, "batch_index": i, "batch_size": 1, "case_id": f"c{i}", "status": "ok",
+                      "efficacy": True})
+        for layer in (4, 5):
+            norm = float(np.exp(rng.normal(3.0, 0.1))) * (12 if i in NORM_OUT else 1)
+            den = float(rng.normal(3.0, 0.3)) * (0.1 if i in DEN_OUT and layer == 5 else 1)
+            layers.append({"edit_index": i, "batch_index": i, "layer": layer, "delta_fro": norm,
+                           "denominator": den})
+        ppl *= 2.2 if i == PPL_JUMP else float(np.exp(rng.normal(0.003, 0.002)))
+        ent -= 1.5 if i == ENT_DROP else float(rng.normal(0.0, 0.05))
+        r = retention[i] if retention is not None else np.nan
+        evals.append({"edit_index": i, "n_edits": i + 1, "perplexity": ppl, "generation_entropy": ent,
+                      "retention": r})
+    w.append("edits", edits)
+    w.append("layers", layers)
+    w.append("evals", evals)
+    return load_run(path)
+
+
+def test_robust_z_sees_through_outliers():
+    z = robust_z([1, 1.1, 0.9, 1.05, 0.95, 50])
+    assert z[-1] > 100 and np.all(np.abs(z[:-1]) < 2)
+    assert robust_z([2, 2, 2, 3])[-1] == np.inf
+
+
+def test_flags_find_every_planted_outlier_and_nothing_else(tmp_path):
+    run = synthetic_run(tmp_path / "r")
+    flags = flag_disabling_edits(run)
+    by = {s: set(g["edit_index"]) for s, g in flags.groupby("signal")}
+    assert by["update_norm"] == NORM_OUT
+    assert by["denominator"] == DEN_OUT
+    assert by["perplexity_jump"] == {PPL_JUMP}
+    assert by["entropy_drop"] == {ENT_DROP}
+    assert set(flags["signal"]) == {"update_norm", "denominator", "perplexity_jump", "entropy_drop"}
+    assert (flags.loc[flags["signal"] == "update_norm", "layer"].value_counts() == 3).all()  # both layers
+    assert flags.loc[flags["edit_index"] == 12, "case_id"].iloc[0] == "c12"
+    assert (flags.loc[flags["signal"] == "perplexity_jump", "first_edit"] == PPL_JUMP).all()
+    stricter = flag_disabling_edits(run, norm_z=1e9, denominator_ratio=0.0, perplexity_ratio=1e9, entropy_drop=1e9)
+    assert stricter.empty
+
+
+def test_flag_scores_precision_and_recall():
+    flags = pd.DataFrame({"edit_index": [1, 2, 3, 5], "signal": ["denominator", "denominator", "update_norm",
+                                                                  "update_norm"]})
+    confirmed = pd.DataFrame({"edit_index": [1, 2, 3, 4], "disabling": [True, False, True, True]})
+    s = flag_scores(flags, confirmed).set_index("signal")
+    assert s.loc["denominator", "precision"] == 0.5 and s.loc["denominator", "recall"] == pytest.approx(1 / 3)
+    assert s.loc["update_norm", "flagged"] == 1 and s.loc["update_norm", "precision"] == 1.0  # edit 5 not checked
+    assert s.loc["any", "recall"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("onset", [18, 30, 41])
+def test_change_point_recovers_a_known_onset(tmp_path, onset):
+    rng = np.random.default_rng(onset)
+    i = np.arange(60)
+    ret = np.where(i < onset, 1 - 0.003 * i, 1 - 0.003 * onset - 0.02 * (i - onset)) + rng.normal(0, 0.01, 60)
+    k, gain = change_point(i, ret)
+    assert abs(k - onset) <= 2 and gain > 0.5
+    phases = forgetting_phases(synthetic_run(tmp_path / "r", n=60, retention=ret))
+    assert abs(phases["onset"] - onset) <= 2 and phases["catastrophic"]
+    assert phases["gradual_slope"] == pytest.approx(-0.003, abs=0.002)
+    assert phases["catastrophic_slope"] == pytest.approx(-0.02, abs=0.005)
+
+
+def test_gradual_forgetting_alone_is_not_catastrophic(tmp_path):
+    ret = 1 - 0.004 * np.arange(40)
+    phases = forgetting_phases(synthetic_run(tmp_path / "r", retention=ret))
+    assert not phases["catastrophic"] and phases["gradual_slope"] == pytest.approx(-0.004, abs=1e-3)
+
+
+def test_confirmation_applies_one_edit_alone(tiny, env_for, tmp_path):
+    from collapsediag import EditSession, get_editor
+    from tests.conftest import corpus_texts, make_model
+
+    model, tok = tiny
+    env = env_for(model, [1], tmp_path)
+    s = EditSession(model, tok, get_editor("rome", {"layer": 1, "v_num_grad_steps": 3}), out=tmp_path / "run",
+                    stats=env.stats, templates=env.templates, progress=False)
+    s.run([{"subject": "Paris", "prompt": "{} is located in", "target_new": "Japan", "target_true": "Spain"},
+           {"subject": "Tokyo", "prompt": "{} plays the", "target_new": "piano", "target_true": "guitar"}],
+          progress=False)
+    base = make_model(model.config.model_type, len(tok))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    conf = confirm_disabling_edits(load_run(tmp_path / "run"), [0, 1], base, tok, corpus_texts(5),
+                                   perplexity_ratio=1.0)
+    assert conf["edit_index"].tolist() == [0, 1] and (conf["perplexity_alone"] != conf["perplexity_base"]).all()
+    assert conf["disabling"].tolist() == (conf["ratio"] > 1.0).tolist()
+    assert all(np.array_equal(v, before[k]) for k, v in base.state_dict().items())
+    from collapsediag.errors import CollapseDiagError
+    with pytest.raises(CollapseDiagError, match="fingerprint"):
+        confirm_disabling_edits(load_run(tmp_path / "run"), [0], model, tok, corpus_texts(2))
