@@ -22,6 +22,8 @@ from collapsediag.data import load_data
 from collapsediag.arch import arch_for, get_module, weight_matrix
 from collapsediag.editors import get_editor
 from collapsediag.editors import memit as memit_module
+from collapsediag.evaluate import request_probs, request_scores
+from collapsediag.requests import EditRequest
 
 
 def configurations(n: int, b: int) -> list[tuple[str, str, int]]:
@@ -80,6 +82,17 @@ def summarise(path: pathlib.Path) -> dict:
             "eval_seconds": float(run.evals["seconds"].sum()) if len(run.evals) else 0.0}
 
 
+def unedited_scores(model: object, tok: object, records: list[dict]) -> dict:
+    """Efficacy, paraphrase and neighborhood scores of the records on the unedited model (the reference
+    point of the locality numbers)."""
+    reqs = [EditRequest.from_dict(r, case_id=i) for i, r in enumerate(records)]
+    probs = [request_probs(model, tok, r) for r in reqs]
+    scores = [request_scores(model, tok, r) for r in reqs]
+    return {"efficacy": float(np.mean([p_new > p_true for p_new, p_true in probs])),
+            "paraphrase": float(np.nanmean([s["paraphrase_score"] for s in scores])),
+            "neighborhood": float(np.nanmean([s["neighborhood_score"] for s in scores]))}
+
+
 def table(rows: list[dict]) -> str:
     """A markdown table of the summaries."""
     out = ["| editor | mode | efficacy (after batch / final) | neighborhood (after batch / final) | "
@@ -105,8 +118,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run names to run, e.g. memit-64x1 d4s-64x1")
     ap.add_argument("--out", default="runs/modes")
     ap.add_argument("--reuse", default=None, help="only summarise the runs in this directory")
+    ap.add_argument("--unedited", action="store_true", help="only score the records on the unedited model")
     args = ap.parse_args()
     root = pathlib.Path(args.reuse or args.out)
+    if args.unedited:
+        model, tok = load_model(args.model)
+        print(json.dumps({"unedited": unedited_scores(model, tok, load_data(args.data, args.n_edits))}))
+        return
     if not args.reuse:
         records = load_data(args.data, args.n_edits)
         model, tok = load_model(args.model)

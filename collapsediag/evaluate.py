@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .forward import logits_at
+from .requests import EditRequest
 from .tokens import continuation, encode, pad_batch, target_ids
 
 
@@ -46,3 +47,26 @@ def success_share(p_new: np.ndarray, p_true: np.ndarray, new_wins: bool = True) 
         return float("nan")
     wins = p_new > p_true if new_wins else p_true > p_new
     return float(np.mean(wins))
+
+
+def request_probs(model: nn.Module, tok: object, req: EditRequest) -> tuple[float, float]:
+    """(p of target_new, p of target_true) on the request's prompt; p_true is NaN without a true target."""
+    targets = [req.target_new] + ([req.target_true] if req.target_true else [])
+    p = target_probs(model, tok, [req.text] * len(targets), targets)
+    return float(p[0]), float(p[1]) if len(p) > 1 else float("nan")
+
+
+def request_scores(model: nn.Module, tok: object, req: EditRequest) -> dict[str, float]:
+    """CounterFact's paraphrase score (share with p_new > p_true) and neighborhood score (p_true > p_new);
+    NaN where the request has no such prompts or no true target."""
+    out = {"paraphrase_score": float("nan"), "neighborhood_score": float("nan")}
+    if not req.target_true:
+        return out
+    for key, prompts, new_wins in (("paraphrase_score", req.paraphrase_prompts, True),
+                                   ("neighborhood_score", req.neighborhood_prompts, False)):
+        if not prompts:
+            continue
+        texts = [p.format(req.subject) if "{}" in p else p for p in prompts]
+        p = target_probs(model, tok, texts * 2, [req.target_new] * len(texts) + [req.target_true] * len(texts))
+        out[key] = success_share(p[:len(texts)], p[len(texts):], new_wins)
+    return out

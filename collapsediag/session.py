@@ -24,7 +24,7 @@ from .editors import Delta, Editor, apply_deltas
 from .editors.base import EditEnv
 from .editors.context import generate_templates
 from .errors import CollapseDiagError, ModeError
-from .evaluate import success_share, target_probs
+from .evaluate import request_probs, request_scores, success_share, target_probs
 from .fluency import GENERATION_PROMPTS, generation_entropy, heldout_texts, perplexity
 from .models import model_fingerprint, model_name
 from .recorder import NullRecorder, Recorder
@@ -378,23 +378,11 @@ class EditSession:
         self.editor.reset()
 
     def _probs(self, req: EditRequest, when: str) -> dict[str, float]:
-        targets = [req.target_new] + ([req.target_true] if req.target_true else [])
-        p = target_probs(self.model, self.tok, [req.text] * len(targets), targets)
-        return {f"p_new_{when}": float(p[0]), f"p_true_{when}": float(p[1]) if len(p) > 1 else float("nan")}
+        p_new, p_true = request_probs(self.model, self.tok, req)
+        return {f"p_new_{when}": p_new, f"p_true_{when}": p_true}
 
     def _scores(self, req: EditRequest) -> dict[str, float]:
-        out = {"paraphrase_score": float("nan"), "neighborhood_score": float("nan")}
-        if not req.target_true:
-            return out
-        for key, prompts, new_wins in (("paraphrase_score", req.paraphrase_prompts, True),
-                                       ("neighborhood_score", req.neighborhood_prompts, False)):
-            if not prompts:
-                continue
-            texts = [p.format(req.subject) if "{}" in p else p for p in prompts]
-            p = target_probs(self.model, self.tok, texts * 2,
-                             [req.target_new] * len(texts) + [req.target_true] * len(texts))
-            out[key] = success_share(p[:len(texts)], p[len(texts):], new_wins)
-        return out
+        return request_scores(self.model, self.tok, req)
 
     def _layer_rows(self, index: int, batch: int, deltas: list[Delta], rec: Recorder) -> list[dict[str, Any]]:
         _, logged = rec.pop()
