@@ -10,7 +10,6 @@ Prints one JSON object per run and a markdown table. Every method edits the same
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pathlib
 import time
@@ -19,9 +18,8 @@ import numpy as np
 
 from collapsediag import EditSession, load_model, load_run
 from collapsediag.data import load_data
-from collapsediag.arch import arch_for, get_module, weight_matrix
 from collapsediag.editors import get_editor
-from collapsediag.editors import memit as memit_module
+from collapsediag.editors.target import TargetCache
 from collapsediag.evaluate import request_probs, request_scores
 from collapsediag.requests import EditRequest
 
@@ -30,56 +28,6 @@ def configurations(n: int, b: int) -> list[tuple[str, str, int]]:
     """(editor, mode, batch size) of every run; the batch runs first so later runs reuse their targets."""
     grid = [("memit", "batch", n), ("emmet", "batch", n), ("d4s", "sequential", 1)]
     return grid + [(e, m, s) for m, s in (("sequential-batch", b), ("sequential", 1)) for e in ("memit", "emmet")]
-
-
-def share_targets(layers: list[int]) -> dict:
-    """Reuse each target z across runs when the model is in the same state.
-
-    Targets depend only on the record, the module, the settings, the templates and the weights; the
-    weights can differ only at the edited layers, so their bytes (hashed) stand for the model state.
-    Batch mode and D4S compute every z on the unedited model, which the other runs share at their start.
-    """
-    real = memit_module.optimise_target
-    cache: dict = {}
-    counts = {"hits": 0, "misses": 0}
-
-    def cached(model, tok, req, templates, module, settings):
-        digest = hashlib.sha1()
-        arch = arch_for(model)
-        for layer in layers:
-            w = weight_matrix(get_module(model, arch.rewrite_name(layer)))
-            digest.update(w.detach().cpu().contiguous().numpy().tobytes())
-        key = (str(req.case_id), req.target_new, module, repr(settings), tuple(templates), digest.hexdigest())
-        if key in cache:
-            counts["hits"] += 1
-        else:
-            counts["misses"] += 1
-            cache[key] = real(model, tok, req, templates, module, settings)
-        return cache[key]
-
-    memit_module.optimise_target = cached
-    return counts
-
-
-def summarise(path: pathlib.Path) -> dict:
-    """The figures the closing note quotes, from one saved run."""
-    run = load_run(path)
-    e, cfg = run.edits, run.config
-    ok = e[e["status"] == "ok"]
-    last = run.layers[run.layers["edit_index"] == run.layers["edit_index"].max()]
-    final = run.evals.iloc[-1] if len(run.evals) else {}
-    return {"run": path.name, "editor": cfg["editor"], "mode": cfg.get("mode"), "batch_size": cfg.get("batch_size"),
-            "lambda": cfg["hparams"].get("mom2_update_weight"), "edits": len(e), "ok": len(ok),
-            "efficacy_after_batch": float(ok["efficacy"].astype(float).mean()),
-            "neighborhood_after_batch": float(ok["neighborhood_score"].mean()),
-            "efficacy_final": float(final.get("efficacy", np.nan)),
-            "paraphrase_final": float(final.get("paraphrase_score", np.nan)),
-            "neighborhood_final": float(final.get("neighborhood_score", np.nan)),
-            "perplexity_final": float(final.get("perplexity", np.nan)),
-            "weight_l1_final": {int(r.layer): float(r.weight_l1) for r in last.itertuples()},
-            "weight_l1_initial": {int(k): v["weight_l1"] for k, v in cfg["initial_weights"].items()},
-            "edit_seconds": float(e["seconds"].sum()),
-            "eval_seconds": float(run.evals["seconds"].sum()) if len(run.evals) else 0.0}
 
 
 def unedited_scores(model: object, tok: object, records: list[dict]) -> dict:
@@ -129,7 +77,7 @@ def main() -> None:
         records = load_data(args.data, args.n_edits)
         model, tok = load_model(args.model)
         templates = None
-        counts = share_targets(args.layers)
+        cache = TargetCache()
         for editor, mode, b in configurations(len(records), args.batch_size):
             name = f"{editor}-{len(records) // b}x{b}"
             if args.only and name not in args.only or (root / name / "evals.jsonl").exists():
@@ -139,12 +87,13 @@ def main() -> None:
                 hp["mom2_update_weight"] = args.lam
             t0 = time.perf_counter()
             s = EditSession(model, tok, get_editor(editor, hp), out=root / name, templates=templates,
-                            eval_every=len(records), progress=False,
+                            eval_every=len(records), progress=False, target_cache=cache,
                             config={"data": args.data, "n_edits": len(records), "mode": mode, "batch_size": b})
             templates = s.env.templates
             s.run(records, batch_size=b, progress=True)
             s.restore()
-            print(json.dumps(dict(summarise(root / name), wall_seconds=time.perf_counter() - t0, targets=counts)),
+            print(json.dumps(dict(summarise(root / name), wall_seconds=time.perf_counter() - t0,
+                                  targets={"hits": cache.hits, "misses": cache.misses})),
                   flush=True)
     rows = [summarise(p.parent) for p in sorted(root.glob("*/config.json"))]
     print(table(rows))

@@ -16,7 +16,8 @@ import numpy as np
 
 from collapsediag import EditSession, load_model
 from collapsediag.data import load_data
-from collapsediag.editors import get_editor, memit as memit_module
+from collapsediag.editors import get_editor
+from collapsediag.editors.target import TargetCache
 
 
 def main() -> None:
@@ -32,21 +33,12 @@ def main() -> None:
     args = ap.parse_args()
     records = load_data(args.data, args.skip + args.n)[args.skip:]
     model, tok = load_model(args.model)
-    real = memit_module.optimise_target
-    cache: dict = {}
-
-    def cached(model, tok, req, templates, module, settings):
-        key = (req.case_id, module)
-        if key not in cache:
-            cache[key] = real(model, tok, req, templates, module, settings)
-        return cache[key]
-
-    memit_module.optimise_target = cached
+    cache = TargetCache()
     templates = None
     for lam in args.lambdas:
         t0 = time.perf_counter()
         s = EditSession(model, tok, get_editor(args.editor, {"mom2_update_weight": lam}), templates=templates,
-                        progress=False)
+                        progress=False, target_cache=cache)
         templates = s.env.templates
         if args.single:
             rows, layers = [], []

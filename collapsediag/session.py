@@ -23,6 +23,7 @@ from .arch import ArchSpec, arch_for, get_module, weight_matrix
 from .editors import Delta, Editor, apply_deltas
 from .editors.base import EditEnv
 from .editors.context import generate_templates
+from .editors.target import TargetCache
 from .errors import CollapseDiagError, ModeError
 from .evaluate import request_probs, request_scores, success_share, target_probs
 from .fluency import GENERATION_PROMPTS, generation_entropy, heldout_texts, perplexity
@@ -83,6 +84,9 @@ class EditSession:
     stats : key statistics per layer; computed from ``corpus`` through ``cache`` if omitted.
     templates : context templates; generated from the unedited model with ``seed`` if omitted.
     diagnostics : False records only the edits table (no per-layer signals).
+    target_cache : a ``TargetCache`` shared with other sessions on the same model, so a target (v*, z)
+        computed in one run is reused by another when the weights are the same (e.g. batch runs and D4S,
+        which all start from W₀).
     """
 
     def __init__(self, model: nn.Module, tok: object, editor: Editor, *, out: str | os.PathLike | None = None,
@@ -91,7 +95,8 @@ class EditSession:
                  templates: list[str] | None = None, seed: int = 0, diagnostics: bool = True,
                  eval_every: int = 0, eval_texts: list[str] | None = None,
                  generation_prompts: list[str] | tuple[str, ...] = GENERATION_PROMPTS, generation_tokens: int = 64,
-                 config: dict[str, Any] | None = None, progress: bool = True, _resume: bool = False) -> None:
+                 config: dict[str, Any] | None = None, progress: bool = True, target_cache: TargetCache | None = None,
+                 _resume: bool = False) -> None:
         self.model, self.tok, self.editor = model, tok, editor
         self.arch = arch or arch_for(model)
         self.layers = editor.layers()
@@ -102,7 +107,7 @@ class EditSession:
         torch.manual_seed(seed)
         if templates is None:
             templates = generate_templates(model, tok, editor.context_lengths, seed=seed)
-        self.env = EditEnv(arch=self.arch, stats=stats, templates=templates, seed=seed)
+        self.env = EditEnv(arch=self.arch, stats=stats, templates=templates, seed=seed, target_cache=target_cache)
         self.diagnostics = diagnostics
         self.eval_every = int(eval_every)
         self.eval_texts = eval_texts if eval_texts is not None else (heldout_texts() if eval_every else [])

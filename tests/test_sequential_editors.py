@@ -166,3 +166,32 @@ def test_d4s_measures_every_step_on_the_unedited_weights(tok, env_for, tmp_path)
     for key in ("keys_1", "resid_1"):
         np.testing.assert_allclose(state[f"state_{key}"], arrays[key], rtol=1e-5, atol=1e-6)
     assert not np.allclose(state["state_resid_1"], load_run(tmp_path / "run").factors(0)["state_resid_1"])
+
+
+def test_target_cache_is_shared_while_the_weights_are_the_same(tok, env_for, tmp_path):
+    from collapsediag.editors.target import TargetCache, optimise_target
+
+    hp = {"layers": [1, 2], "z_num_grad_steps": 3, "mom2_update_weight": 1.0}
+    model = make_model("llama", len(tok))
+    env = env_for(model, [1, 2], tmp_path)
+    cache = TargetCache()
+    kw = dict(stats=env.stats, templates=env.templates, progress=False, target_cache=cache)
+    s = EditSession(model, tok, get_editor("memit", hp), **kw)
+    s.run(RECORDS, batch_size=3)
+    s.restore()
+    assert (cache.hits, cache.misses) == (0, 3)
+    s = EditSession(model, tok, get_editor("d4s", hp), **kw)
+    s.run(RECORDS)  # every D4S step measures on W₀: all three targets come from the batch run
+    assert (cache.hits, cache.misses) == (3, 3)
+    cached = {n: p.clone() for n, p in model.state_dict().items()}
+    s.restore()
+    plain = EditSession(model, tok, get_editor("d4s", hp), stats=env.stats, templates=env.templates, progress=False)
+    plain.run(RECORDS)
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, cached[n]), n
+    block = env.arch.block_name(2)
+    settings = get_editor("memit", hp).hparams.target_settings()
+    got = cache.get(model, tok, REQS[0], env.templates, block, settings, env.arch)  # weights now edited: miss
+    assert cache.misses == 4
+    want = optimise_target(model, tok, REQS[0], env.templates, block, settings)
+    assert torch.equal(got.target, want.target)

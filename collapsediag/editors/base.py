@@ -105,6 +105,7 @@ class EditEnv:
     templates: list[str]
     seed: int = 0
     initial: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> W₀ (Linear convention)
+    target_cache: Any = None  # a TargetCache shared by runs, or None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, EditorBase, HParams, apply_deltas
 from .keys import keys_at_subject, outputs_at_subject
-from .target import TargetSettings, optimise_target
+from .target import TargetSettings, target_for
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Memit(EditorBase):
         layers = self.layers()
         block = env.arch.block_name(layers[-1])
         settings = self.hparams.target_settings()
-        targets = [optimise_target(model, tok, r, env.templates, block, settings) for r in requests]
+        targets = [target_for(model, tok, r, env, block, settings) for r in requests]
         z = torch.stack([t.target for t in targets]).double()  # [n, d]
         h_once = outputs_at_subject(model, tok, block, requests).double() if self.residual_once else None
         w_dtype = next(model.parameters()).dtype

@@ -19,7 +19,7 @@ from ..requests import EditRequest
 from .base import Delta, EditEnv, EditorBase, HParams
 from .context import DEFAULT_LENGTHS
 from .keys import keys_at_subject
-from .target import TargetSettings, optimise_target
+from .target import TargetSettings, target_for
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Rome(EditorBase):
         c_inv_kbar = solve(k_bar)
         u = c_inv_kbar / c_inv_kbar.norm()
 
-        target = optimise_target(model, tok, req, env.templates, name, hp.target_settings())
+        target = target_for(model, tok, req, env, name, hp.target_settings())
         v_star = target.target.double()
         if self.consistent_keys:
             key, value = k_bar, ks.values.double().mean(0)

@@ -7,18 +7,25 @@ with Adam, early stop below 0.05, and ‖δ‖ clamped to clamp_norm_factor · �
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import get_module, n_layers, weight_matrix
 from ..errors import EditError
 from ..forward import logits_at
 from ..hooks import Trace
 from ..requests import EditRequest
 from ..tokens import continuation, encode, pad_batch, subject_span, target_ids
 from .keys import subject_prompts
+
+if TYPE_CHECKING:
+    from ..arch import ArchSpec
+    from .base import EditEnv
 
 KL_PROMPT = "{} is a"
 EARLY_STOP = 5e-2
@@ -131,3 +138,47 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
     if not torch.isfinite(result.target).all():
         raise EditError(req.case_id, "non-finite target vector v*")
     return result
+
+
+class TargetCache:
+    """Targets reused while the model is in the same state (like MEMIT's ``--use_cache``).
+
+    The key holds the request, the module, the settings, the templates and a hash of every layer's
+    rewrite-module weights: runs that edit only those matrices (every editor here) and come back to the
+    same weights (batch mode and D4S start from W₀) share their targets. Other weights must not change
+    while a cache is in use.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, TargetResult] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def state(model: nn.Module, arch: "ArchSpec") -> str:
+        """Hash of the rewrite-module weights of every layer."""
+        digest = hashlib.sha1()
+        for layer in range(n_layers(model, arch)):
+            w = weight_matrix(get_module(model, arch.rewrite_name(layer))).detach()
+            digest.update(w.cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def get(self, model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
+            settings: TargetSettings, arch: "ArchSpec") -> TargetResult:
+        """The cached target, or ``optimise_target``'s result stored for next time."""
+        key = (str(req.case_id), req.subject, req.prompt, req.target_new, module, repr(settings), tuple(templates),
+               self.state(model, arch))
+        if key in self._store:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self._store[key] = optimise_target(model, tok, req, templates, module, settings)
+        return self._store[key]
+
+
+def target_for(model: nn.Module, tok: object, req: EditRequest, env: "EditEnv", module: str,
+               settings: TargetSettings) -> TargetResult:
+    """``optimise_target`` through ``env.target_cache`` when the environment has one."""
+    if env.target_cache is None:
+        return optimise_target(model, tok, req, env.templates, module, settings)
+    return env.target_cache.get(model, tok, req, env.templates, module, settings, env.arch)
