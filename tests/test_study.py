@@ -1,0 +1,38 @@
+"""The demo study on a tiny model: every planned run is made and every finding gets an answer."""
+from __future__ import annotations
+
+import pandas as pd
+
+from collapsediag.study import SIZES, StudySize, run_study, study_findings, study_plan
+from tests.conftest import corpus_texts, make_model
+from tests.test_plots import RECORDS
+
+
+def test_study_plan_sizes():
+    assert [n for n, _, _ in study_plan(SIZES["small"])] == ["rome", "r-rome", "memit", "memit-batch4",
+                                                             "memit-batch8", "d4s"]
+    assert study_plan(StudySize(4, (1,), 2, 2, 1))[-1] == ("d4s", "d4s", 1)
+
+
+def test_study_runs_and_findings(tok, tmp_path):
+    from collapsediag.stats import StatsCache, TextCorpus
+
+    model = make_model("llama", len(tok))
+    size = StudySize(n_edits=4, batch_sizes=(4,), eval_every=2, eval_passages=2, generation_prompts=1)
+    batched = {"layers": [1, 2], "z_num_grad_steps": 2, "mom2_update_weight": 1.0}
+    hp = {"rome": {"layer": 1, "v_num_grad_steps": 2}, "r-rome": {"layer": 1, "v_num_grad_steps": 2},
+          "memit": batched, "d4s": batched}
+    runs = run_study(model, tok, RECORDS, tmp_path / "study", size, hparams=hp, stats_tokens=4000,
+                     corpus=TextCorpus.from_texts(corpus_texts(300)), cache=StatsCache(tmp_path / "c"),
+                     progress=False)
+    assert list(runs) == ["rome", "r-rome", "memit", "memit-batch4", "d4s"]
+    assert runs["memit-batch4"].config["mode"] == "batch" and runs["memit-batch4"].edits["batch_index"].eq(0).all()
+    for name, r in runs.items():
+        assert len(r.edits) == 4 and r.evals["edit_index"].tolist() == ([-1, 3] if name == "memit-batch4" else
+                                                                        [-1, 1, 3]), name
+    findings = study_findings(runs)
+    assert len(findings) == 4 and findings["finding"].str.startswith(("(i)", "(ii)", "(iii)", "(iv)")).all()
+    assert findings["evidence"].str.len().gt(20).all()
+    nb = findings.loc[findings["finding"].str.startswith("(iii)"), "evidence"].iloc[0]
+    assert "batch 1:" in nb and "batch 4:" in nb
+    assert isinstance(findings, pd.DataFrame)
