@@ -24,10 +24,34 @@ from collapsediag.evaluate import request_probs, request_scores
 from collapsediag.requests import EditRequest
 
 
-def configurations(n: int, b: int) -> list[tuple[str, str, int]]:
-    """(editor, mode, batch size) of every run; the batch runs first so later runs reuse their targets."""
+def configurations(n: int, b: int) -> list[tuple[str, str, str, int, dict]]:
+    """(run name, editor, mode, batch size, extra hyper-parameters) of every run; the batch runs first so
+    later runs reuse their targets."""
     grid = [("memit", "batch", n), ("emmet", "batch", n), ("d4s", "sequential", 1)]
-    return grid + [(e, m, s) for m, s in (("sequential-batch", b), ("sequential", 1)) for e in ("memit", "emmet")]
+    grid += [(e, m, s) for m, s in (("sequential-batch", b), ("sequential", 1)) for e in ("memit", "emmet")]
+    runs = [(f"{e}-{n // s}x{s}", e, m, s, {}) for e, m, s in grid]
+    return runs + [(f"d4s-remeasure-{n}x1", "d4s", "sequential", 1, {"remeasure_residuals": True})]
+
+
+def summarise(path: pathlib.Path) -> dict:
+    """The figures the closing note quotes, from one saved run."""
+    run = load_run(path)
+    e, cfg = run.edits, run.config
+    ok = e[e["status"] == "ok"]
+    last = run.layers[run.layers["edit_index"] == run.layers["edit_index"].max()]
+    final = run.evals.iloc[-1] if len(run.evals) else {}
+    return {"run": path.name, "editor": cfg["editor"], "mode": cfg.get("mode"), "batch_size": cfg.get("batch_size"),
+            "lambda": cfg["hparams"].get("mom2_update_weight"), "edits": len(e), "ok": len(ok),
+            "efficacy_after_batch": float(ok["efficacy"].astype(float).mean()),
+            "neighborhood_after_batch": float(ok["neighborhood_score"].mean()),
+            "efficacy_final": float(final.get("efficacy", np.nan)),
+            "paraphrase_final": float(final.get("paraphrase_score", np.nan)),
+            "neighborhood_final": float(final.get("neighborhood_score", np.nan)),
+            "perplexity_final": float(final.get("perplexity", np.nan)),
+            "weight_l1_final": {int(r.layer): float(r.weight_l1) for r in last.itertuples()},
+            "weight_l1_initial": {int(k): v["weight_l1"] for k, v in cfg["initial_weights"].items()},
+            "edit_seconds": float(e["seconds"].sum()),
+            "eval_seconds": float(run.evals["seconds"].sum()) if len(run.evals) else 0.0}
 
 
 def unedited_scores(model: object, tok: object, records: list[dict]) -> dict:
@@ -78,11 +102,10 @@ def main() -> None:
         model, tok = load_model(args.model)
         templates = None
         cache = TargetCache()
-        for editor, mode, b in configurations(len(records), args.batch_size):
-            name = f"{editor}-{len(records) // b}x{b}"
+        for name, editor, mode, b, extra in configurations(len(records), args.batch_size):
             if args.only and name not in args.only or (root / name / "evals.jsonl").exists():
                 continue
-            hp = {"layers": args.layers}
+            hp = {"layers": args.layers, **extra}
             if args.lam is not None and editor in ("memit", "d4s"):
                 hp["mom2_update_weight"] = args.lam
             t0 = time.perf_counter()

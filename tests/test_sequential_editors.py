@@ -195,3 +195,19 @@ def test_target_cache_is_shared_while_the_weights_are_the_same(tok, env_for, tmp
     assert cache.misses == 4
     want = optimise_target(model, tok, REQS[0], env.templates, block, settings)
     assert torch.equal(got.target, want.target)
+
+
+def test_d4s_residuals_once_or_remeasured(tiny, env_for, tmp_path):
+    """The reference asks the last layer for the whole gap Z − H(W₀); re-measuring asks it for what is left."""
+    model, tok = tiny
+    env = env_for(model, [1, 2], tmp_path)
+    out = {}
+    for again in (False, True):
+        ed = get_editor("d4s", {"layers": [1, 2], "z_num_grad_steps": 3, "mom2_update_weight": 1.0,
+                                "remeasure_residuals": again})
+        assert ed.residual_once is (not again)
+        ed.compute(model, tok, [REQS[0]], env, Recorder())
+        out[again] = ed.commit()
+    np.testing.assert_allclose(out[False]["resid_1"], out[True]["resid_1"], rtol=1e-6)  # first layer: the same
+    assert not np.allclose(out[False]["resid_2"], out[True]["resid_2"])
+    assert np.linalg.norm(out[True]["resid_2"]) < np.linalg.norm(out[False]["resid_2"])

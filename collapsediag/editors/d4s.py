@@ -28,7 +28,13 @@ from .memit import Memit, MemitHParams
 
 @dataclass
 class D4sHParams(MemitHParams):
-    """D4S hyper-parameters: MEMIT's (λ = mom2_update_weight weighs C against the sum of edit keys)."""
+    """D4S hyper-parameters: MEMIT's (λ = mom2_update_weight weighs C against the sum of edit keys).
+
+    ``remeasure_residuals`` False (the reference) measures Z − H once, before the layer loop, so layer i
+    is asked for (Z − H)/(L − i) of the whole gap; True re-measures H after each layer as MEMIT does.
+    """
+
+    remeasure_residuals: bool = False
 
 
 def d4s_increment(keys: torch.Tensor, resid: torch.Tensor, moved: torch.Tensor, lam_c: torch.Tensor,
@@ -57,7 +63,11 @@ class D4s(Memit):
 
     name: ClassVar[str] = "d4s"
     HParams: ClassVar[type] = D4sHParams
-    residual_once: ClassVar[bool] = True
+
+    @property
+    def residual_once(self) -> bool:  # type: ignore[override]
+        """Z − H measured once per step (the reference) unless ``remeasure_residuals``."""
+        return not self.hparams.remeasure_residuals
 
     def __init__(self, hparams: D4sHParams | None = None) -> None:
         super().__init__(hparams)
