@@ -94,20 +94,20 @@ def test_bad_record_error_names_the_record(kind):
 def test_failed_edit_leaves_weights_untouched(tiny, env_for, tmp_path, monkeypatch):
     import torch
 
-    from collapsediag.editors import rome
+    from collapsediag.editors import target
 
     model, tok = tiny
     s = _session(model, tok, env_for, tmp_path)
     s.edit(GOOD[0])
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    real = rome.optimise_target
+    real = target.optimise_target
 
     def poisoned(*a, **k):
         res = real(*a, **k)
         res.delta[0] = float("nan")
         return res
 
-    monkeypatch.setattr(rome, "optimise_target", poisoned)
+    monkeypatch.setattr(target, "optimise_target", poisoned)
     row = s.edit(GOOD[1])
     assert row["status"] != "ok" and "non-finite" in row["status"]
     for n, p in model.state_dict().items():
