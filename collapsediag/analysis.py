@@ -105,9 +105,7 @@ def confirm_disabling_edits(run: Run, edit_indices: list[int], model: nn.Module,
         match = run.edits.loc[run.edits["edit_index"] == i, "batch_index"]
         if match.empty:
             raise CollapseDiagError(f"run {run.path} has no edit {i}")
-        deltas = run_deltas(run, int(match.iloc[0]), arch)
-        with apply_deltas(model, [d.__class__(d.module, d.layer, d.left.to(device), d.right.to(device))
-                                  for d in deltas]):
+        with apply_deltas(model, run_deltas(run, int(match.iloc[0]), arch, device)):
             alone = perplexity(model, tok, texts)
         rows.append({"edit_index": int(i), "perplexity_base": base, "perplexity_alone": alone,
                      "ratio": alone / base, "disabling": bool(alone / base > perplexity_ratio)})

@@ -10,15 +10,16 @@ from .errors import CollapseDiagError
 from .models import model_fingerprint
 
 
-def run_deltas(run: object, batch_index: int, arch: ArchSpec) -> list[Delta]:
-    """The updates stored for one batch (empty when none of its edits is ok)."""
+def run_deltas(run: object, batch_index: int, arch: ArchSpec, device: torch.device | str = "cpu") -> list[Delta]:
+    """The updates stored for one batch, on ``device`` (empty when none of its edits is ok)."""
     rows = run.edits[run.edits["batch_index"] == batch_index]
     if rows.empty or not (rows["status"] == "ok").any():
         return []
     factors = run.factors(batch_index)
     layers = sorted({int(k.split("_", 1)[1]) for k in factors if k.startswith("left_")})
-    return [Delta(module=arch.rewrite_name(layer), layer=layer, left=torch.from_numpy(factors[f"left_{layer}"]),
-                  right=torch.from_numpy(factors[f"right_{layer}"])) for layer in layers]
+    return [Delta(module=arch.rewrite_name(layer), layer=layer,
+                  left=torch.from_numpy(factors[f"left_{layer}"]).to(device),
+                  right=torch.from_numpy(factors[f"right_{layer}"]).to(device)) for layer in layers]
 
 
 def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool = True) -> nn.Module:
@@ -33,7 +34,5 @@ def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool 
     device = next(model.parameters()).device
     batches = sorted(set(run.edits.loc[done <= upto, "batch_index"].astype(int)))
     for b in batches:
-        deltas = [Delta(d.module, d.layer, d.left.to(device), d.right.to(device))
-                  for d in run_deltas(run, b, arch)]
-        apply_deltas(model, deltas)
+        apply_deltas(model, run_deltas(run, b, arch, device))
     return model

@@ -160,8 +160,7 @@ class EditSession:
         """
         if not records:
             return []
-        if len(records) > 1 and self.editor.single_edit_only:
-            raise ModeError(f"{self.editor.name} edits one fact at a time: use --mode sequential (batch size 1)")
+        self._check_batch_size(len(records))
         if self.eval_every and self.n_edits == 0 and not self.checkpoints:
             self.checkpoint()  # the unedited baseline (edit_index −1)
         t0 = time.perf_counter()
@@ -198,7 +197,7 @@ class EditSession:
                 for _, req in todo:
                     res = self._probs(req, "after")
                     res["efficacy"] = bool(res["p_new_after"] > res["p_true_after"])
-                    res.update(self._scores(req))
+                    res.update(request_scores(self.model, self.tok, req))
                     after.append(res)
                 layer_rows = self._layer_rows(start + len(records) - 1, batch, deltas, rec) \
                     if self.diagnostics else []
@@ -227,6 +226,12 @@ class EditSession:
             self.checkpoint()
         return rows
 
+    def _check_batch_size(self, size: int) -> None:
+        if size < 1:
+            raise ModeError(f"batch size must be at least 1, got {size}")
+        if size > 1 and self.editor.single_edit_only:
+            raise ModeError(f"{self.editor.name} edits one fact at a time: use --mode sequential (batch size 1)")
+
     @staticmethod
     def _fail(row: dict[str, Any], exc: Exception, record: Any, index: int) -> None:
         row["status"] = f"{type(exc).__name__}: {exc}"
@@ -243,10 +248,7 @@ class EditSession:
         sequential-batch editing. ROME and r-ROME accept only 1 (``ModeError`` otherwise).
         """
         records = list(records)
-        if batch_size < 1:
-            raise ModeError(f"batch size must be at least 1, got {batch_size}")
-        if batch_size > 1 and self.editor.single_edit_only:
-            raise ModeError(f"{self.editor.name} edits one fact at a time: use --mode sequential (batch size 1)")
+        self._check_batch_size(batch_size)
         rows: list[dict[str, Any]] = []
         bar = tqdm(total=len(records), desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
         for i in range(0, len(records), batch_size):
@@ -385,9 +387,6 @@ class EditSession:
     def _probs(self, req: EditRequest, when: str) -> dict[str, float]:
         p_new, p_true = request_probs(self.model, self.tok, req)
         return {f"p_new_{when}": p_new, f"p_true_{when}": p_true}
-
-    def _scores(self, req: EditRequest) -> dict[str, float]:
-        return request_scores(self.model, self.tok, req)
 
     def _layer_rows(self, index: int, batch: int, deltas: list[Delta], rec: Recorder) -> list[dict[str, Any]]:
         _, logged = rec.pop()

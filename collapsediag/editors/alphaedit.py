@@ -12,16 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
-from torch import nn
 
 from ..errors import EditError
-from ..recorder import Recorder
-from ..requests import EditRequest
 from ..stats import LayerStats
-from .base import Delta, EditEnv
-from .memit import BatchHParams, Memit
+from .base import EditEnv
+from .memit import AccumulatingMemit, BatchHParams
 
 
 @dataclass
@@ -61,7 +57,7 @@ def alphaedit_solve(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tensor
                               "cache_trace": float(kk.trace())}
 
 
-class AlphaEdit(Memit):
+class AlphaEdit(AccumulatingMemit):
     """AlphaEdit: null-space-projected batched updates with the keys of earlier batches accumulated."""
 
     name: ClassVar[str] = "alphaedit"
@@ -71,19 +67,12 @@ class AlphaEdit(Memit):
         super().__init__(hparams)
         self.cache: dict[int, torch.Tensor] = {}  # layer -> Σ K_p K_pᵀ of committed batches
         self._basis: dict[int, torch.Tensor] = {}
-        self._pending: dict[int, torch.Tensor] = {}
 
     def basis(self, layer: int, env: EditEnv) -> torch.Tensor:
         """U of the projector at ``layer`` (computed once)."""
         if layer not in self._basis:
             self._basis[layer] = null_space_basis(env.stats[layer], self.hparams.nullspace_threshold).double()
         return self._basis[layer]
-
-    def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
-                rec: Recorder) -> list[Delta]:
-        """MEMIT's layer loop with AlphaEdit's solve; the keys wait for ``commit``."""
-        self._pending = {}
-        return super().compute(model, tok, requests, env, rec)
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, env: EditEnv
               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -93,29 +82,12 @@ class AlphaEdit(Memit):
         if kk is None:
             kk = torch.zeros(d_in, d_in, dtype=torch.float64, device=keys.device)
         out = alphaedit_solve(keys, resid, self.basis(layer, env), kk, self.hparams.l2)
-        self._pending[layer] = keys
+        self._pending[layer] = {"keys": keys}
         return out
 
     def _fold(self, layer: int, keys: torch.Tensor) -> None:
         prev = self.cache.get(layer)
         self.cache[layer] = keys @ keys.T if prev is None else prev + keys @ keys.T
 
-    def commit(self) -> dict[str, np.ndarray]:
-        """Add this batch's keys to K_p K_pᵀ; returns them per layer."""
-        out = {}
-        for layer, keys in self._pending.items():
-            self._fold(layer, keys)
-            out[f"keys_{layer}"] = keys.cpu().numpy()
-        self._pending = {}
-        return out
-
-    def reset(self) -> None:
-        """Drop the accumulated keys (the weights are back at W₀)."""
-        self.cache, self._pending = {}, {}
-
-    def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
-        """Fold saved keys back into the cache."""
-        device = next(iter(env.stats.values())).mom2.device if env.stats else "cpu"
-        for key, value in arrays.items():
-            if key.startswith("keys_"):
-                self._fold(int(key[5:]), torch.from_numpy(value).double().to(device))
+    def _clear(self) -> None:
+        self.cache = {}

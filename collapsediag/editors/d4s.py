@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +22,7 @@ from ..errors import EditError
 from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, apply_deltas
-from .memit import Memit, MemitHParams
+from .memit import AccumulatingMemit, MemitHParams
 
 
 @dataclass
@@ -58,7 +57,7 @@ def d4s_increment(keys: torch.Tensor, resid: torch.Tensor, moved: torch.Tensor, 
                      "cache_trace": float(kk_new.trace())}
 
 
-class D4s(Memit):
+class D4s(AccumulatingMemit):
     """D4S: each step is W₀ plus one batched update over every edit so far."""
 
     name: ClassVar[str] = "d4s"
@@ -72,7 +71,6 @@ class D4s(Memit):
     def __init__(self, hparams: D4sHParams | None = None) -> None:
         super().__init__(hparams)
         self.sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (Σ R Kᵀ, Σ K Kᵀ)
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._current: dict[int, torch.Tensor] = {}
         self._w0: dict[int, torch.Tensor] = {}
 
@@ -88,7 +86,7 @@ class D4s(Memit):
         moved, kk = self._sums(layer, resid.shape[0], keys.shape[0], keys)
         lam_c = self.hparams.mom2_update_weight * env.stats[layer].mom2.double()
         left, right, diag = d4s_increment(keys, resid, moved, lam_c, kk)
-        self._pending[layer] = (keys, resid)
+        self._pending[layer] = {"keys": keys, "resid": resid}
         return left, right, diag
 
     def _initial(self, layer: int, env: EditEnv, current: torch.Tensor) -> torch.Tensor:
@@ -109,7 +107,6 @@ class D4s(Memit):
     def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
                 rec: Recorder) -> list[Delta]:
         """The step for ``requests``, with targets, keys and residuals measured on W₀; model left unchanged."""
-        self._pending = {}
         mods = {layer: weight_matrix(get_module(model, env.arch.rewrite_name(layer))) for layer in self.layers()}
         self._current = {layer: w.detach().clone() for layer, w in mods.items()}
         try:
@@ -127,25 +124,5 @@ class D4s(Memit):
         moved, kk = self._sums(layer, resid.shape[0], keys.shape[0], keys)
         self.sums[layer] = (moved + resid @ keys.T, kk + keys @ keys.T)
 
-    def commit(self) -> dict[str, np.ndarray]:
-        """Add the last step's K Kᵀ and R Kᵀ to the sums; returns K and R of every layer."""
-        out = {}
-        for layer, (keys, resid) in self._pending.items():
-            self._fold(layer, keys, resid)
-            out[f"keys_{layer}"] = keys.cpu().numpy()
-            out[f"resid_{layer}"] = resid.cpu().numpy()
-        self._pending = {}
-        return out
-
-    def reset(self) -> None:
-        """Drop the running sums (the weights are back at W₀)."""
-        self.sums, self._pending = {}, {}
-
-    def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
-        """Fold saved K and R back into the sums."""
-        device = next(iter(env.stats.values())).mom2.device if env.stats else "cpu"
-        for key in arrays:
-            if key.startswith("keys_"):
-                layer = int(key[5:])
-                self._fold(layer, torch.from_numpy(arrays[key]).double().to(device),
-                           torch.from_numpy(arrays[f"resid_{layer}"]).double().to(device))
+    def _clear(self) -> None:
+        self.sums = {}

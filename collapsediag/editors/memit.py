@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,6 +153,54 @@ class Memit(EditorBase):
                 v_steps=sum(t.steps for t in targets) / n, v_loss=sum(t.loss for t in targets) / n,
                 v_nll=sum(t.nll for t in targets) / n, v_kl=sum(t.kl for t in targets) / n)
         return deltas
+
+
+class AccumulatingMemit(Memit):
+    """MEMIT's loop for methods whose solve reads sums over earlier steps (D4S, AlphaEdit).
+
+    ``solve`` keeps the arrays a step adds under ``self._pending[layer]``; ``commit`` folds them into the
+    sums (``_fold``) and returns them as ``<name>_<layer>`` for the run store; ``replay`` folds saved arrays.
+    """
+
+    def __init__(self, hparams: HParams | None = None) -> None:
+        super().__init__(hparams)
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _fold(self, layer: int, **arrays: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def compute(self, model: nn.Module, tok: object, requests: list[EditRequest], env: EditEnv,
+                rec: Recorder) -> list[Delta]:
+        """MEMIT's layer loop; what the step adds waits for ``commit``."""
+        self._pending = {}
+        return super().compute(model, tok, requests, env, rec)
+
+    def commit(self) -> dict[str, np.ndarray]:
+        """Fold the last step into the sums; returns its arrays per layer."""
+        out = {}
+        for layer, arrays in self._pending.items():
+            self._fold(layer, **arrays)
+            out.update({f"{name}_{layer}": value.cpu().numpy() for name, value in arrays.items()})
+        self._pending = {}
+        return out
+
+    def reset(self) -> None:
+        """Drop the sums (the weights are back at W₀)."""
+        self._pending = {}
+        self._clear()
+
+    def replay(self, arrays: dict[str, np.ndarray], env: EditEnv) -> None:
+        """Fold arrays saved by ``commit`` back into the sums."""
+        device = next(iter(env.stats.values())).mom2.device if env.stats else "cpu"
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in arrays.items():
+            name, _, layer = key.rpartition("_")
+            by_layer.setdefault(int(layer), {})[name] = torch.from_numpy(value).double().to(device)
+        for layer, layer_arrays in by_layer.items():
+            self._fold(layer, **layer_arrays)
 
 
 class Emmet(Memit):
