@@ -34,6 +34,10 @@ class ArchSpec:
         """Name of the decoder block at ``layer``."""
         return self.block.format(layer)
 
+    def blocks_name(self) -> str | None:
+        """Name of the ModuleList holding the blocks (None when ``block`` is not ``<list>.{}``)."""
+        return self.block[:-3] if self.block.endswith(".{}") else None
+
     def replace(self, **changes: str) -> "ArchSpec":
         """A copy with some fields overridden."""
         return dataclasses.replace(self, **changes)
@@ -54,6 +58,25 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2": _LLAMA.replace(family="qwen2"),
     "qwen3": _LLAMA.replace(family="qwen3"),
 }
+
+
+# Families whose MLP output is added straight to the residual stream (no norm after it), so a change
+# at the rewrite module's output is the same change at the block's output.
+ADDITIVE_MLP = {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"}
+
+
+def block_of(model: nn.Module, spec: ArchSpec, module: str) -> int | None:
+    """The layer whose block output changes exactly as ``module``'s output does, or None.
+
+    True for a block itself, and for the default rewrite module of an ``ADDITIVE_MLP`` family.
+    """
+    if spec.blocks_name() is None:
+        return None
+    additive = spec.family in ADDITIVE_MLP and spec.rewrite_module == ARCHS[spec.family].rewrite_module
+    for layer in range(n_layers(model, spec)):
+        if module == spec.block_name(layer) or (additive and module == spec.rewrite_name(layer)):
+            return layer
+    return None
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -57,6 +57,7 @@ class Trace:
         self.name = name
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
+        self.raw_output: object = None  # the output as the module returned it (tensor or tuple)
         module = get_module(model, name)
 
         def hook(_mod: nn.Module, inputs: tuple, output: object) -> object:
@@ -66,6 +67,7 @@ class Trace:
             if edit_output is not None:
                 output = replace_hidden(output, edit_output(hidden_of(output)))
             if retain_output:
+                self.raw_output = output
                 h = hidden_of(output)
                 self.output = h.detach() if detach else h
             if stop:
@@ -111,3 +113,40 @@ class TraceDict(dict):
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         self.close()
         return exc_type is StopForward
+
+
+class _Stub(nn.Module):
+    """Stands in for a decoder block: returns ``fn(hidden_in)`` in the block's own output container."""
+
+    def __init__(self, like: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.like, self.fn = like, fn
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        return replace_hidden(self.like, self.fn(hidden_states))
+
+
+class SkipBlocks:
+    """Replace blocks ``0..layer`` of ``blocks`` (a ModuleList's dotted name) for the duration of a ``with``.
+
+    Blocks before ``layer`` pass their input through; block ``layer`` returns ``output_fn()`` — e.g. its
+    cached output plus a perturbation — so a forward pass computes only the later blocks. ``like`` is a
+    real output of the block (its container type is kept: a tensor or a tuple).
+    """
+
+    def __init__(self, model: nn.Module, blocks: str, layer: int, like: object,
+                 output_fn: Callable[[], torch.Tensor]) -> None:
+        self.list = get_module(model, blocks)
+        self.layer = layer
+        self.saved = [self.list[i] for i in range(layer + 1)]
+        self.stubs = [_Stub(like, lambda h: h) for _ in range(layer)] + [_Stub(like, lambda _h: output_fn())]
+
+    def __enter__(self) -> "SkipBlocks":
+        for i, stub in enumerate(self.stubs):
+            self.list[i] = stub
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        for i, block in enumerate(self.saved):
+            self.list[i] = block
+        return False

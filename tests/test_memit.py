@@ -106,7 +106,8 @@ def test_emmet_single_layer_writes_the_targets(tiny, env_for, tmp_path):
     deltas = ed.compute(model, tok, REQS[:2], env, Recorder())
     name, block = env.arch.rewrite_name(1), env.arch.block_name(1)
     keys = torch.stack([keys_at_subject(model, tok, name, r, env.templates).mixed for r in REQS[:2]]).double().T
-    z = torch.stack([optimise_target(model, tok, r, env.templates, block, ed.hparams.target_settings()).target
+    z = torch.stack([optimise_target(model, tok, r, env.templates, block, ed.hparams.target_settings(),
+                                     env.arch).target
                      for r in REQS[:2]]).double()
     h = outputs_at_subject(model, tok, block, REQS[:2]).double()
     w0 = weight_matrix(get_module(model, name)).double().clone()

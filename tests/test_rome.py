@@ -36,7 +36,7 @@ def test_edit_writes_target_value(tiny, env_for, tmp_path, editor):
     name = env.arch.rewrite_name(1)
     deltas = ed.compute(model, tok, [REQ], env, Recorder())
     ks = keys_at_subject(model, tok, name, REQ, env.templates)
-    v_star = optimise_target(model, tok, REQ, env.templates, name, ed.hparams.target_settings()).target
+    v_star = optimise_target(model, tok, REQ, env.templates, name, ed.hparams.target_settings(), env.arch).target
     key = ks.unprefixed if editor == "rome" else ks.mean
     with apply_deltas(model, deltas):
         got = _module_out(model, name, key)
@@ -68,7 +68,7 @@ def test_square_conv1d_orientation(tok, env_for, tmp_path):
     name = env.arch.rewrite_name(1)
     deltas = ed.compute(model, tok, [REQ], env, Recorder())
     ks = keys_at_subject(model, tok, name, REQ, env.templates)
-    v_star = optimise_target(model, tok, REQ, env.templates, name, ed.hparams.target_settings()).target
+    v_star = optimise_target(model, tok, REQ, env.templates, name, ed.hparams.target_settings(), env.arch).target
     with apply_deltas(model, deltas):
         good = (_module_out(model, name, ks.unprefixed) - v_star.double()).norm() / v_star.double().norm()
         # the hooked forward pass agrees with the algebra: the stored Conv1D weight really changed as Wᵀ

@@ -193,7 +193,7 @@ def test_target_cache_is_shared_while_the_weights_are_the_same(tok, env_for, tmp
     settings = get_editor("memit", hp).hparams.target_settings()
     got = cache.get(model, tok, REQS[0], env.templates, block, settings, env.arch)  # weights now edited: miss
     assert cache.misses == 4
-    want = optimise_target(model, tok, REQS[0], env.templates, block, settings)
+    want = optimise_target(model, tok, REQS[0], env.templates, block, settings, env.arch)
     assert torch.equal(got.target, want.target)
 
 

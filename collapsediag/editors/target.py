@@ -17,11 +17,10 @@ from torch import nn
 
 from ..arch import get_module, n_layers, weight_matrix
 from ..errors import EditError
-from ..forward import logits_at
-from ..hooks import Trace
 from ..requests import EditRequest
 from ..tokens import continuation, encode, pad_batch, subject_span, target_ids
 from .keys import subject_prompts
+from .suffix import target_forward
 
 if TYPE_CHECKING:
     from ..arch import ArchSpec
@@ -59,10 +58,32 @@ class TargetResult:
         return self.init + self.delta
 
 
-def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
-                    settings: TargetSettings) -> TargetResult:
-    """Optimise δ added to ``module``'s output at the subject's last token of every prompt."""
-    device = next(model.parameters()).device
+@dataclass
+class TargetBatch:
+    """The padded prompts of one target optimisation and where its loss reads the logits.
+
+    Rows 0..n_prompts−1 are the prefixed prompts followed by target_new[:-1]; the last row is the KL prompt.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    subj: torch.Tensor  # the subject's last token in each row
+    rows: torch.Tensor  # logit positions: every target token of every prompt, then the KL rows' subjects
+    cols: torch.Tensor
+    target_tokens: torch.Tensor
+    row_of_token: torch.Tensor
+    n_prompts: int
+    target_len: int
+
+    @property
+    def n_tok(self) -> int:
+        """Number of target-token positions (the first ``n_tok`` of rows/cols)."""
+        return len(self.target_tokens)
+
+
+def target_batch(tok: object, req: EditRequest, templates: list[str], device: torch.device | str = "cpu"
+                 ) -> TargetBatch:
+    """Tokenise ``req`` under every template plus the KL prompt (errors name the record)."""
     tgt = target_ids(tok, req.target_new)
     if not tgt:
         raise EditError(req.case_id, f"target_new {req.target_new!r} tokenises to nothing")
@@ -81,38 +102,38 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
     ids, mask = pad_batch(tok, seqs, device)
     all_rows = torch.arange(len(seqs), device=device)
     subj_t = torch.tensor(subj, device=device)
-    rows = torch.cat([torch.tensor(nll_rows, device=device), all_rows[n_rw:]])
-    cols = torch.cat([torch.tensor(nll_cols, device=device), subj_t[n_rw:]])
-    tok_t = torch.tensor(nll_tok, device=device)
-    row_of_tok = torch.tensor(nll_rows, device=device)
-    n_tok = len(nll_tok)
+    return TargetBatch(ids=ids, mask=mask, subj=subj_t,
+                       rows=torch.cat([torch.tensor(nll_rows, device=device), all_rows[n_rw:]]),
+                       cols=torch.cat([torch.tensor(nll_cols, device=device), subj_t[n_rw:]]),
+                       target_tokens=torch.tensor(nll_tok, device=device),
+                       row_of_token=torch.tensor(nll_rows, device=device), n_prompts=n_rw, target_len=len(tgt))
 
+
+def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
+                    settings: TargetSettings, arch: "ArchSpec | None" = None, fast: bool = True) -> TargetResult:
+    """Optimise δ added to ``module``'s output at the subject's last token of every prompt.
+
+    With ``arch`` and ``fast``, each step recomputes only the blocks after the edited one at the positions
+    from the subject on (``suffix.SuffixForward``); ``fast=False`` runs the whole model each step.
+    """
+    device = next(model.parameters()).device
+    bt = target_batch(tok, req, templates, device)
     dtype = next(model.parameters()).dtype
-    delta: torch.Tensor | None = None
-    init: torch.Tensor | None = None
-
-    def add_delta(hidden: torch.Tensor) -> torch.Tensor:
-        nonlocal delta, init
-        if init is None:
-            init = hidden[0, subj[0]].detach().clone()
-            delta = torch.zeros_like(init, requires_grad=True)
-        hidden = hidden.clone()
-        hidden[all_rows, subj_t] = hidden[all_rows, subj_t] + delta.to(hidden.dtype)
-        return hidden
-
+    fwd = target_forward(model, arch, module, bt, fast=fast)
+    init = fwd.init
+    delta = torch.zeros_like(init, requires_grad=True)
     opt: torch.optim.Optimizer | None = None
     kl_init = None
     steps_done = 0
     loss_v = nll_v = kl_v = float("nan")
     with torch.enable_grad():
         for it in range(settings.steps):
-            with Trace(model, module, edit_output=add_delta, detach=False):
-                logits = logits_at(model, ids, mask, rows, cols)
+            logits = fwd.logits(delta)
             lp = torch.log_softmax(logits.float(), dim=-1)
-            tok_lp = lp[:n_tok].gather(1, tok_t[:, None]).squeeze(1)
-            per_prompt = torch.zeros(n_rw, device=device).index_add(0, row_of_tok, tok_lp)
-            nll = -(per_prompt / len(tgt)).mean()
-            kl_lp = lp[n_tok:]
+            tok_lp = lp[:bt.n_tok].gather(1, bt.target_tokens[:, None]).squeeze(1)
+            per_prompt = torch.zeros(bt.n_prompts, device=device).index_add(0, bt.row_of_token, tok_lp)
+            nll = -(per_prompt / bt.target_len).mean()
+            kl_lp = lp[bt.n_tok:]
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = settings.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
@@ -172,7 +193,7 @@ class TargetCache:
             self.hits += 1
         else:
             self.misses += 1
-            self._store[key] = optimise_target(model, tok, req, templates, module, settings)
+            self._store[key] = optimise_target(model, tok, req, templates, module, settings, arch)
         return self._store[key]
 
 
@@ -180,5 +201,5 @@ def target_for(model: nn.Module, tok: object, req: EditRequest, env: "EditEnv", 
                settings: TargetSettings) -> TargetResult:
     """``optimise_target`` through ``env.target_cache`` when the environment has one."""
     if env.target_cache is None:
-        return optimise_target(model, tok, req, env.templates, module, settings)
+        return optimise_target(model, tok, req, env.templates, module, settings, env.arch)
     return env.target_cache.get(model, tok, req, env.templates, module, settings, env.arch)

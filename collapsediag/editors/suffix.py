@@ -1,0 +1,130 @@
+"""Forward passes for the target optimisation: the plain one and one that recomputes only what δ changes.
+
+δ is added at layer L at the subject's last token s of every row. Nothing at layers ≤ L depends on it,
+and no position before s does either (attention is causal). So ``SuffixForward`` runs the whole batch
+once, keeps every layer's keys and values and block L's output, and each step then runs only the
+positions from s on through the blocks after L, attending to the cached keys and values.
+Its first logits are checked against the full forward's; on a mismatch the plain forward is used.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..forward import PLAIN_HEAD, logits_at
+from ..hooks import SkipBlocks, Trace
+
+if TYPE_CHECKING:
+    from ..arch import ArchSpec
+    from .target import TargetBatch
+
+CHECK_TOLERANCE = 1e-3  # largest |Δlogit| / max |logit| accepted between the two forwards
+
+
+class PlainForward:
+    """Logits at ``(rows, cols)`` of the whole model with δ added to ``module``'s output at ``(r, subj[r])``."""
+
+    def __init__(self, model: nn.Module, module: str, batch: "TargetBatch") -> None:
+        self.model, self.module, self.ids, self.mask = model, module, batch.ids, batch.mask
+        self.subj, self.rows, self.cols = batch.subj, batch.rows, batch.cols
+        self.all_rows = torch.arange(len(self.ids), device=self.ids.device)
+        with torch.no_grad(), Trace(model, module, retain_output=True, stop=True) as tr:
+            model(input_ids=self.ids, attention_mask=self.mask)
+        self.init = tr.output[0, self.subj[0]].detach().clone()
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """Logits with ``delta`` added."""
+        def add_delta(hidden: torch.Tensor) -> torch.Tensor:
+            hidden = hidden.clone()
+            hidden[self.all_rows, self.subj] = hidden[self.all_rows, self.subj] + delta.to(hidden.dtype)
+            return hidden
+
+        with Trace(self.model, self.module, edit_output=add_delta, detach=False):
+            return logits_at(self.model, self.ids, self.mask, self.rows, self.cols)
+
+
+def _kv_pairs(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of a transformers cache (new ``layers`` or older ``key_cache`` API)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+class SuffixForward:
+    """The same logits as ``PlainForward``, computing only blocks after ``layer`` at positions ≥ subj.
+
+    ``module``'s output change must equal block ``layer``'s output change (``arch.block_of``).
+    Raises ``ValueError`` when the model's cache or block outputs cannot be used this way.
+    """
+
+    def __init__(self, model: nn.Module, arch: "ArchSpec", layer: int, module: str, batch: "TargetBatch") -> None:
+        from transformers import DynamicCache
+
+        ids, mask, subj, rows, cols = batch.ids, batch.mask, batch.subj, batch.rows, batch.cols
+        self.model, self.arch, self.layer = model, arch, layer
+        device = ids.device
+        b, width = ids.shape
+        lengths = mask.sum(1)
+        self.new_len = int((lengths - subj).max())
+        offs = torch.arange(self.new_len, device=device)
+        pos = (subj[:, None] + offs[None, :]).clamp(max=width - 1)
+        self.new_mask = torch.cat([(torch.arange(width, device=device)[None, :] < subj[:, None]).long(),
+                                   (subj[:, None] + offs[None, :] < lengths[:, None]).long()], dim=1)
+        self.new_ids = ids.gather(1, pos)
+        self.positions = pos
+        self.rows, self.cols = rows, cols - subj[rows]
+        cache = DynamicCache()
+        with torch.no_grad(), Trace(model, module, retain_output=True) as tr, \
+                Trace(model, arch.block_name(layer), retain_output=True) as out:
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                      use_cache=True).last_hidden_state
+        self.init = tr.output[0, subj[0]].detach().clone()
+        self.like = out.raw_output
+        self.block_out = out.output.gather(1, pos[:, :, None].expand(-1, -1, out.output.shape[-1])).clone()
+        self.kv = [(k.detach(), v.detach()) for k, v in _kv_pairs(cache)]
+        if len(self.kv) <= layer or self.kv[0][0].shape[-2] != width:
+            raise ValueError("the model's cache does not hold every layer's keys and values")
+        self.expected = model.get_output_embeddings()(hidden[rows, cols])
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """Logits with ``delta`` added at the subject (position 0 of every suffix)."""
+        from transformers import DynamicCache
+
+        def block_out() -> torch.Tensor:
+            hidden = self.block_out.clone()
+            hidden[:, 0] = hidden[:, 0] + delta.to(hidden.dtype)
+            return hidden
+
+        cache = DynamicCache(self.kv)
+        with SkipBlocks(self.model, self.arch.blocks_name(), self.layer, self.like, block_out):
+            return logits_at(self.model, self.new_ids, self.new_mask, self.rows, self.cols,
+                             position_ids=self.positions, past_key_values=cache, use_cache=True)
+
+    def check(self) -> bool:
+        """True when the suffix logits at δ = 0 match the full forward's."""
+        with torch.no_grad():
+            got = self.logits(torch.zeros_like(self.init))
+        scale = float(self.expected.abs().max().clamp_min(1e-6))
+        return bool(torch.isfinite(got).all()) and float((got - self.expected).abs().max()) <= CHECK_TOLERANCE * scale
+
+
+def target_forward(model: nn.Module, arch: "ArchSpec | None", module: str, batch: "TargetBatch",
+                   fast: bool = True) -> PlainForward | SuffixForward:
+    """``SuffixForward`` where it applies and reproduces the full forward, else ``PlainForward``."""
+    from ..arch import block_of
+
+    layer = block_of(model, arch, module) if fast and arch is not None else None
+    if layer is not None and model.config.model_type in PLAIN_HEAD:
+        try:
+            fwd = SuffixForward(model, arch, layer, module, batch)
+            if fwd.check():
+                return fwd
+            warnings.warn(f"{model.config.model_type}: the suffix forward differs from the full one; "
+                          "using the full forward", stacklevel=2)
+        except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            warnings.warn(f"{model.config.model_type}: no suffix forward ({exc}); using the full forward",
+                          stacklevel=2)
+    return PlainForward(model, module, batch)
