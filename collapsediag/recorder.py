@@ -12,7 +12,12 @@ class Recorder:
         self.edit: dict[str, Any] = {}
 
     def log(self, layer: int | None = None, **metrics: Any) -> None:
-        """Record metrics for ``layer`` (or for the edit as a whole when layer is None)."""
+        """Record metrics for ``layer`` (or for the edit as a whole when layer is None).
+
+        A callable value is called here, so work done only for a diagnostic is skipped when diagnostics
+        are off (``NullRecorder``).
+        """
+        metrics = {k: v() if callable(v) else v for k, v in metrics.items()}
         if layer is None:
             self.edit.update(metrics)
         else:

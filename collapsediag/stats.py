@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec
 from .errors import CollapseDiagError
+from .linalg import spd_condition
 from .hooks import TraceDict
 from .models import model_fingerprint, model_name
 
@@ -93,6 +94,7 @@ class LayerStats:
     identity: dict = field(default_factory=dict)
     _chol: torch.Tensor | None = field(default=None, repr=False)
     _eig: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _condition: float | None = field(default=None, repr=False)
 
     @property
     def chol(self) -> torch.Tensor:
@@ -120,9 +122,10 @@ class LayerStats:
         return self._eig
 
     def condition(self) -> float:
-        """Condition number of C."""
-        ev = self.eigh()[0]
-        return float(ev[-1] / ev[0]) if ev[0] > 0 else float("inf")
+        """Condition number of C (computed once)."""
+        if self._condition is None:
+            self._condition = spd_condition(self.mom2, self._chol)
+        return self._condition
 
 
 def compute_second_moments(model: nn.Module, tok: object, arch: ArchSpec, layers: list[int],

@@ -84,3 +84,33 @@ def test_skip_blocks_restores_blocks_after_an_error(tok):
             assert model.transformer.h[0] is not blocks[0]
             raise RuntimeError("boom")
     assert list(model.transformer.h) == blocks
+
+
+@pytest.mark.parametrize("d", [8, 300])
+def test_spd_condition_matches_the_eigendecomposition(d):
+    from collapsediag.linalg import spd_condition
+
+    g = torch.Generator().manual_seed(d)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    ev = torch.logspace(-3, 2, d, dtype=torch.float64)  # κ = 1e5
+    a = q @ torch.diag(ev) @ q.T
+    assert spd_condition(a) == pytest.approx(1e5, rel=1e-4)
+    assert spd_condition(a, torch.linalg.cholesky(a)) == pytest.approx(1e5, rel=1e-4)
+    if d >= 64:  # the Lanczos path reports a matrix without a Cholesky factor as infinitely ill-conditioned
+        assert spd_condition(-a) == float("inf")
+
+
+def test_recorder_calls_lazy_values_and_null_recorder_skips_them():
+    from collapsediag.recorder import NullRecorder, Recorder
+
+    calls = []
+
+    def costly():
+        calls.append(1)
+        return 2.5
+
+    rec = Recorder()
+    rec.log(layer=3, condition=costly, denominator=1.0)
+    assert rec.pop()[1] == {3: {"condition": 2.5, "denominator": 1.0}}
+    NullRecorder().log(layer=3, condition=costly)
+    assert calls == [1]

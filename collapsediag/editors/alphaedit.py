@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import EditError
+from ..linalg import spd_condition
 from ..stats import LayerStats
 from .base import EditEnv
 from .memit import AccumulatingMemit, BatchHParams
@@ -51,9 +52,8 @@ def alphaedit_solve(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tensor
     if int(info) != 0:
         raise EditError(None, "AlphaEdit matrix Uᵀ(KKᵀ + K_pK_pᵀ)U + αI is not positive definite")
     y = torch.cholesky_solve(kt, chol)
-    ev = torch.linalg.eigvalsh(g)
     return resid, basis @ y, {"denominator": float(torch.linalg.eigvalsh(kt.T @ y)[0]),
-                              "condition": float(ev[-1] / ev[0]), "projector_rank": r,
+                              "condition": lambda: spd_condition(g, chol), "projector_rank": r,
                               "cache_trace": float(kk.trace())}
 
 

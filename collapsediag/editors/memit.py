@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import EditError
+from ..linalg import spd_condition
 from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, EditorBase, HParams, apply_deltas
@@ -74,9 +75,8 @@ def memit_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam
         raise EditError(None, "MEMIT matrix λC + KKᵀ is not positive definite")
     adj = torch.cholesky_solve(keys, chol)
     schur = keys.T @ adj
-    ev = torch.linalg.eigvalsh(a)
     return resid, adj, {"denominator": float(torch.linalg.eigvalsh(schur)[0]),
-                        "condition": float(ev[-1] / ev[0])}
+                        "condition": lambda: spd_condition(a, chol)}
 
 
 def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam_m: float, mu: float,
@@ -93,9 +93,8 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam
     ev = torch.linalg.eigvalsh(d)
     pinv = bool(ev[0] <= ev[-1] * torch.finfo(d.dtype).eps * d.shape[0] * 10)
     d_inv = torch.linalg.pinv(d, hermitian=True) if pinv else torch.linalg.inv(d)
-    ev_c = torch.linalg.eigvalsh(c)
     return resid @ d_inv, c_inv_k, {"denominator": float(ev[0]), "condition": float(ev[-1] / ev[0]),
-                                    "condition_c": float(ev_c[-1] / ev_c[0]), "pinv_fallback": pinv}
+                                    "condition_c": lambda: spd_condition(c, chol), "pinv_fallback": pinv}
 
 
 class Memit(EditorBase):
