@@ -136,34 +136,40 @@ def figures_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    """``collapsediag demo``: sequential ROME vs r-ROME on the embedded model and the own fact set."""
-    from .data import own_facts
-    from .editors import get_editor
-    from .models import load_model
-    from .report import format_report
-    from .session import EditSession
-    from .stats import StatsCache, TextCorpus
-    from .store import load_run
+    """``collapsediag demo``: the study on the embedded model and the own fact set, its figures and findings."""
+    import dataclasses
+    import time
 
+    from .data import own_facts
+    from .models import load_model
+    from .plots import write_figures
+    from .report import format_report, markdown_table
+    from .stats import StatsCache
+    from .study import SIZES, run_study, study_findings
+
+    t0 = time.perf_counter()
+    size = SIZES[args.size]
+    if args.n_edits:
+        size = dataclasses.replace(size, n_edits=args.n_edits,
+                                   batch_sizes=tuple(sorted({min(b, args.n_edits) for b in size.batch_sizes})))
     out = pathlib.Path(args.out)
-    model, tok = load_model("smollm2-135m")
-    records = own_facts(args.n_edits)
-    cache = StatsCache(args.cache_dir)
-    runs = []
-    templates = None
-    for name in ("rome", "r-rome"):
-        run_dir = out / name
-        if (run_dir / "edits.jsonl").exists():
-            shutil.rmtree(run_dir)
-        session = EditSession(model, tok, get_editor(name), out=run_dir, corpus=TextCorpus.packaged(),
-                              stats_tokens=args.stats_tokens, cache=cache, seed=args.seed, templates=templates,
-                              config={"data": "own", "n_edits": len(records), "mode": "sequential",
-                                      "batch_size": 1})
-        templates = session.env.templates
-        session.run(records)
-        session.restore()
-        runs.append(load_run(run_dir))
-    print(format_report(runs))
+    hparams = _value(pathlib.Path(args.hparams).read_text() if args.hparams and pathlib.Path(args.hparams).exists()
+                     else args.hparams) if args.hparams else None
+    if hparams is not None and not isinstance(hparams, dict):
+        raise CollapseDiagError(f"--hparams must be a JSON object {{editor: {{key: value}}}}, got {args.hparams!r}")
+    model, tok = load_model(args.model)
+    runs = run_study(model, tok, own_facts(), out, size, hparams=hparams, stats_tokens=args.stats_tokens,
+                     cache=StatsCache(args.cache_dir), seed=args.seed)
+    figures = write_figures(list(runs.values()), args.figures)
+    findings = study_findings(runs)
+    table = markdown_table(findings)
+    (out / "findings.md").write_text(table)
+    findings.to_csv(out / "findings.csv", index=False)
+    print(format_report(list(runs.values())))
+    print(f"figures: {len(figures)} files in {args.figures}")
+    print(f"runs: {out}; findings also in {out / 'findings.md'}")
+    print(f"\nFindings ({args.size} study, {size.n_edits} edits per run, {time.perf_counter() - t0:.0f} s):")
+    print(table)
     return 0
 
 
@@ -205,9 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--out", default="figures")
     fg.set_defaults(func=figures_command)
 
-    d = sub.add_parser("demo", help="ROME vs r-ROME on the embedded model")
+    d = sub.add_parser("demo", help="the study: ROME, r-ROME, MEMIT (3 batch sizes) and D4S on the embedded "
+                                    "model, with figures and findings")
+    d.add_argument("--size", choices=["small", "full"], default="small",
+                   help="small: 8 edits per run (about 15 min on 2 cores); full: 48")
+    d.add_argument("--model", default="smollm2-135m", help="HF name or path (default: the embedded model)")
+    d.add_argument("--hparams", default=None, help='JSON object or file: {"memit": {"layers": [3, 4]}, ...}')
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--n-edits", type=int, default=8)
+    d.add_argument("--figures", default="figures", help="where the figures go (PNG and PDF)")
+    d.add_argument("--n-edits", type=int, default=None, help="override the size's edits per run")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--stats-tokens", type=int, default=100_000)
     d.add_argument("--cache-dir", default=None)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 from torch import nn
+from tqdm.auto import tqdm
 
 from .analysis import flag_disabling_edits
 from .editors import get_editor
@@ -62,7 +63,10 @@ def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out:
     targets = TargetCache()
     templates: dict[tuple, list[str]] = {}
     runs = {}
-    for name, editor_name, b in study_plan(size):
+    plan = study_plan(size)
+    bar = tqdm(plan, desc="study", unit="run", disable=not progress)
+    for name, editor_name, b in bar:
+        bar.set_postfix(run=name)
         editor = get_editor(editor_name, (hparams or {}).get(editor_name, {}))
         run_dir = out / name
         if run_dir.exists():
@@ -77,6 +81,7 @@ def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out:
         s.run(records, batch_size=b, progress=progress)
         s.restore()
         runs[name] = load_run(run_dir)
+    bar.close()
     return runs
 
 
