@@ -31,10 +31,10 @@ def paper_style() -> Iterator[None]:
 
 
 def run_label(run: Run) -> str:
-    """``editor, mode B`` for legends (e.g. "memit, sequential-batch 16")."""
+    """``editor, mode B`` for legends (e.g. "memit, sequential-batch 16", "memit, batch 64")."""
     cfg = run.config
     mode, b = cfg.get("mode", "sequential"), cfg.get("batch_size", 1)
-    return f"{cfg.get('editor')}, {mode}" + (f" {b}" if mode == "sequential-batch" else "")
+    return f"{cfg.get('editor')}, {mode}" + (f" {b}" if mode in ("sequential-batch", "batch") else "")
 
 
 def _runs(runs: Run | list[Run]) -> list[Run]:
@@ -45,6 +45,40 @@ def _ax(ax: Axes | None) -> Axes:
     return ax if ax is not None else plt.subplots(figsize=(4.2, 3.0))[1]
 
 
+STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+
+
+def _plain_log_ticks(ax: Axes) -> None:
+    """Log-scaled y ticks written as plain numbers (7.9, not 7.9×10⁰)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _legend(ax: Axes) -> None:
+    """The legend inside the axes when short, to the right of them when long."""
+    n = len(ax.get_legend_handles_labels()[0])
+    if n > 6:
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif n:
+        ax.legend(frameon=False)
+
+
+def _key_legend(ax: Axes, colours: dict[str, str], styles: dict[str, object]) -> None:
+    """One legend entry per run (its colour) and one per line style (in grey), outside the axes."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, label=lab) for lab, c in colours.items()]
+    if len(styles) > 1:
+        handles += [Line2D([], [], color="0.4", linestyle=st, label=lab) for lab, st in styles.items()]
+    inside = len(handles) <= 6
+    ax.legend(handles=handles, frameon=False, **({} if inside else {"loc": "upper left",
+                                                                   "bbox_to_anchor": (1.01, 1.0)}))
+
+
 def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str = "weight_l1",
                      layers: list[int] | None = None, relative: bool = True) -> Axes:
     """``weight_l1`` (or another layers-table metric) per edited layer against the edit index.
@@ -52,8 +86,14 @@ def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str 
     ``relative`` divides by the unedited value (from the run's config) so runs and layers compare.
     """
     ax = _ax(ax)
-    for run in _runs(runs):
+    runs = _runs(runs)
+    shown = sorted({int(x) for r in runs for x in r.layers.dropna(subset=[metric])["layer"]
+                    if layers is None or int(x) in layers})
+    styles = {f"layer {x}": STYLES[i % len(STYLES)] for i, x in enumerate(shown)}
+    colours = {}
+    for i, run in enumerate(runs):
         ly = run.layers.dropna(subset=[metric])
+        colours[run_label(run)] = f"C{i}"
         for layer, g in ly.groupby("layer"):
             if layers is not None and layer not in layers:
                 continue
@@ -62,13 +102,13 @@ def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str 
             init = run.config.get("initial_weights", {}).get(str(int(layer)), {}).get(metric)
             if relative and init:
                 y = y / init
-            ax.plot(g["edit_index"] + 1, y, marker="." if len(g) < 30 else None,
-                    label=f"{run_label(run)}, layer {int(layer)}")
+            ax.plot(g["edit_index"] + 1, y, linestyle=styles[f"layer {int(layer)}"], color=f"C{i}",
+                    marker="." if len(g) < 30 else None, label=f"{run_label(run)}, layer {int(layer)}")
     ax.set_xlabel("edits applied")
     unit = {"weight_l1": "‖W‖₁ / numel", "weight_fro": "‖W‖_F", "drift_fro": "‖W − W₀‖_F / numel"}.get(metric, metric)
     ax.set_ylabel(f"{unit} / unedited" if relative else unit)
     ax.set_title("Norm growth of the edited matrices")
-    ax.legend(frameon=False)
+    _key_legend(ax, colours, styles)
     return ax
 
 
@@ -81,19 +121,20 @@ def plot_forgetting(runs: Run | list[Run], ax: Axes | None = None,
                     ) -> Axes:
     """Retention and the scores over earlier edits at each checkpoint, against the edit index."""
     ax = _ax(ax)
-    styles = ["-", "--", ":", "-."]
+    styles = STYLES
+    colours = {}
     for i, run in enumerate(_runs(runs)):
         ev = run.evals.dropna(subset=["edit_index"]).sort_values("edit_index")
         ev = ev[ev["n_edits"] > 0]
-        color = f"C{i}"
+        color = colours[run_label(run)] = f"C{i}"
         for metric, style in zip(metrics, styles):
-            ax.plot(ev["n_edits"], ev[metric], style, color=color, marker=".",
+            ax.plot(ev["n_edits"], ev[metric], linestyle=style, color=color, marker=".",
                     label=f"{run_label(run)}: {FORGETTING.get(metric, metric)}")
     ax.set_xlabel("edits applied")
     ax.set_ylabel("share of earlier edits")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title("Forgetting of earlier edits")
-    ax.legend(frameon=False)
+    _key_legend(ax, colours, {FORGETTING.get(m, m): st for m, st in zip(metrics, styles)})
     return ax
 
 
@@ -117,7 +158,7 @@ def plot_denominator_vs_norm(runs: Run | list[Run], ax: Axes | None = None) -> A
     ax.set_ylabel("‖ΔW‖_F")
     ax.set_yscale("log")
     ax.set_title("Small denominators make large updates")
-    ax.legend(frameon=False)
+    _legend(ax)
     return ax
 
 
@@ -138,7 +179,7 @@ def plot_key_stats(runs: Run | list[Run], ax: Axes | None = None) -> Axes:
     if sc is not None:
         ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--")
         ax.figure.colorbar(sc, ax=ax, label="cos(k_u, k̄)")
-        ax.legend(frameon=False)
+        _legend(ax)
     ax.set_xlabel("√(k̄ᵀC⁻¹k̄), prefixed keys")
     ax.set_ylabel("√(k_uᵀC⁻¹k_u), unprefixed key")
     ax.set_title("Prefixed vs unprefixed keys")
@@ -171,7 +212,7 @@ def plot_batch_neighborhood(runs: Run | list[Run], ax: Axes | None = None) -> Ax
     ax.set_xlabel("edits per update (batch size)")
     ax.set_ylabel("neighborhood score")
     ax.set_title("Batch size and locality")
-    ax.legend(frameon=False)
+    _legend(ax)
     return ax
 
 
@@ -193,16 +234,20 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
         if fl is not None and len(fl):
             for j, x in enumerate(sorted(set(fl["edit_index"]))):
                 ax.axvline(x + 1, color=color, alpha=0.35, lw=0.9, label=f"{run_label(run)}: flagged" if j == 0 else None)
-    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo > 10:  # a collapse spans decades; otherwise a linear axis reads better
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
     ax.set_xlabel("edits applied")
     ax.set_ylabel("held-out perplexity")
     if ax2 is not None:
         ax2.set_ylabel("generation entropy (bits)")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, frameon=False)
+        ax.legend(h1 + h2, l1 + l2, frameon=False,
+                  **({"loc": "upper left", "bbox_to_anchor": (1.12, 1.0)} if len(h1 + h2) > 6 else {}))
     else:
-        ax.legend(frameon=False)
+        _legend(ax)
     ax.set_title("Model-level collapse signals")
     return ax
 

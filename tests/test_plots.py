@@ -56,9 +56,12 @@ def test_plot_functions_overlay_runs_with_and_without_ax(two_runs, fn):
 
 def test_norm_growth_overlays_every_layer_of_every_run(two_runs):
     ax = plots.plot_norm_growth(two_runs)
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["rome, sequential, layer 1", "memit, sequential-batch 2, layer 1",
-                      "memit, sequential-batch 2, layer 2"]
+    assert [line.get_label() for line in ax.lines] == ["rome, sequential, layer 1", "memit, sequential-batch 2, layer 1",
+                                                      "memit, sequential-batch 2, layer 2"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["rome, sequential", "memit, sequential-batch 2", "layer 1", "layer 2"]  # colour = run, style = layer
+    assert ax.lines[1].get_color() == ax.lines[2].get_color() != ax.lines[0].get_color()
+    assert ax.lines[1].get_linestyle() != ax.lines[2].get_linestyle()
     assert ax.lines[0].get_ydata()[0] == pytest.approx(
         two_runs[0].layers["weight_l1"].iloc[0] / two_runs[0].config["initial_weights"]["1"]["weight_l1"])
 
