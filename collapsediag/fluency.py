@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .forward import logits_at
+from .forward import token_nll_sum
 from .tokens import pad_batch
 
 HELDOUT = pathlib.Path(__file__).parent / "data" / "heldout_smollm2.txt"
@@ -40,10 +40,7 @@ def perplexity(model: nn.Module, tok: object, texts: list[str], max_len: int = 2
             ids, mask = pad_batch(tok, group, device)
             rows = torch.tensor([r for r, g in enumerate(group) for _ in range(len(g) - 1)], device=device)
             cols = torch.tensor([c for g in group for c in range(len(g) - 1)], device=device)
-            logits = logits_at(model, ids, mask, rows, cols)
-            nxt = ids[rows, cols + 1]
-            nll = torch.nn.functional.cross_entropy(logits.float(), nxt, reduction="sum")
-            total += float(nll)
+            total += token_nll_sum(model, ids, mask, rows, cols, ids[rows, cols + 1])
             count += len(rows)
     return math.exp(total / max(count, 1))
 

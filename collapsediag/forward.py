@@ -22,3 +22,19 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         return model.get_output_embeddings()(hidden[rows, cols])
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
     return logits[rows, cols]
+
+
+def token_nll_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> float:
+    """Σ −log p(targets[i] | prefix up to (rows[i], cols[i])), with the unembedding applied ``chunk``
+    positions at a time so a long batch never holds every position's logits (49k floats each)."""
+    if model.config.model_type not in PLAIN_HEAD:
+        logits = logits_at(model, input_ids, attention_mask, rows, cols)
+        return float(nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows, cols]
+    head = model.get_output_embeddings()
+    total = 0.0
+    for s in range(0, len(rows), chunk):
+        logits = head(hidden[s:s + chunk])
+        total += float(nn.functional.cross_entropy(logits.float(), targets[s:s + chunk], reduction="sum"))
+    return total

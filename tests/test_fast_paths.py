@@ -114,3 +114,19 @@ def test_recorder_calls_lazy_values_and_null_recorder_skips_them():
     assert rec.pop()[1] == {3: {"condition": 2.5, "denominator": 1.0}}
     NullRecorder().log(layer=3, condition=costly)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_token_nll_sum_in_chunks_equals_full_logits(tok, kind):
+    from collapsediag.forward import token_nll_sum
+    from collapsediag.tokens import pad_batch
+
+    model = make_model(kind, len(tok))
+    ids, mask = pad_batch(tok, [list(range(5, 25)), list(range(30, 42))])
+    rows = torch.tensor([r for r, n in ((0, 20), (1, 12)) for _ in range(n - 1)])
+    cols = torch.tensor([c for n in (20, 12) for c in range(n - 1)])
+    nxt = ids[rows, cols + 1]
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+        want = float(torch.nn.functional.cross_entropy(full, nxt, reduction="sum"))
+        assert token_nll_sum(model, ids, mask, rows, cols, nxt, chunk=7) == pytest.approx(want, rel=1e-5)
