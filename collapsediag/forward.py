@@ -8,6 +8,13 @@ from torch import nn
 PLAIN_HEAD = {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"}
 
 
+def _hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+               cols: torch.Tensor, **forward_kwargs: object) -> torch.Tensor:
+    """The base model's last hidden state at ``(rows[i], cols[i])`` (``PLAIN_HEAD`` families)."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                            **forward_kwargs).last_hidden_state[rows, cols]
+
+
 def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               rows: torch.Tensor, cols: torch.Tensor, **forward_kwargs: object) -> torch.Tensor:
     """Logits at positions ``(rows[i], cols[i])``: shape [len(rows), vocab].
@@ -17,9 +24,7 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     ``position_ids``, ``past_key_values``) go to the forward call.
     """
     if model.config.model_type in PLAIN_HEAD:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  **forward_kwargs).last_hidden_state
-        return model.get_output_embeddings()(hidden[rows, cols])
+        return model.get_output_embeddings()(_hidden_at(model, input_ids, attention_mask, rows, cols, **forward_kwargs))
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
     return logits[rows, cols]
 
@@ -31,7 +36,7 @@ def token_nll_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if model.config.model_type not in PLAIN_HEAD:
         logits = logits_at(model, input_ids, attention_mask, rows, cols)
         return float(nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows, cols]
+    hidden = _hidden_at(model, input_ids, attention_mask, rows, cols)
     head = model.get_output_embeddings()
     total = 0.0
     for s in range(0, len(rows), chunk):

@@ -58,13 +58,14 @@ def _plain_log_ticks(ax: Axes) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _legend(ax: Axes) -> None:
-    """The legend inside the axes when short, to the right of them when long."""
-    n = len(ax.get_legend_handles_labels()[0])
-    if n > 6:
-        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    elif n:
-        ax.legend(frameon=False)
+def _legend(ax: Axes, handles: list | None = None) -> None:
+    """The legend (of ``handles``, or of the labelled artists) inside the axes when short, to their right
+    when long."""
+    n = len(handles) if handles is not None else len(ax.get_legend_handles_labels()[0])
+    if not n:
+        return
+    where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if n > 6 else {}
+    ax.legend(**({"handles": handles} if handles is not None else {}), frameon=False, **where)
 
 
 def _key_legend(ax: Axes, colours: dict[str, str], styles: dict[str, object]) -> None:
@@ -74,9 +75,7 @@ def _key_legend(ax: Axes, colours: dict[str, str], styles: dict[str, object]) ->
     handles = [Line2D([], [], color=c, label=lab) for lab, c in colours.items()]
     if len(styles) > 1:
         handles += [Line2D([], [], color="0.4", linestyle=st, label=lab) for lab, st in styles.items()]
-    inside = len(handles) <= 6
-    ax.legend(handles=handles, frameon=False, **({} if inside else {"loc": "upper left",
-                                                                   "bbox_to_anchor": (1.01, 1.0)}))
+    _legend(ax, handles)
 
 
 def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str = "weight_l1",
