@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import warnings
 
 import torch
 from torch import nn
@@ -27,18 +32,71 @@ def embedded_model_path() -> tuple[str, str]:
     return str(folder), _GGUF_FILE
 
 
+def dequantized_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where the embedded model is kept dequantised (safetensors), keyed by the GGUF file and transformers."""
+    import transformers
+
+    folder, name = embedded_model_path()
+    size = (pathlib.Path(folder) / name).stat().st_size
+    key = hashlib.sha256(f"{name}:{size}:{transformers.__version__}".encode()).hexdigest()[:12]
+    root = cache_dir or os.environ.get("COLLAPSEDIAG_CACHE", "~/.cache/collapsediag")
+    return pathlib.Path(root).expanduser() / "models" / f"smollm2-135m-{key}"
+
+
+def save_dequantized(out: str | os.PathLike) -> pathlib.Path:
+    """Load the embedded GGUF and save it as a float32 safetensors model folder at ``out`` (atomically)."""
+    out = pathlib.Path(out)
+    model, tok = load_model(EMBEDDED, dequantized_cache=False)
+    model.hf_quantizer = None  # the weights are plain float32 now; transformers refuses to save a "gguf" model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _embedded_source(cache: bool) -> tuple[str, dict]:
+    """Path and loading arguments of the embedded model: the dequantised copy when there is (or can be) one.
+
+    The copy is made once, in a child process, so this process never holds the GGUF's dequantisation
+    buffers (loading the GGUF peaks at 2.4 times the parameter bytes; the copy loads memory-mapped).
+    """
+    folder, name = embedded_model_path()
+    if not cache:
+        return folder, {"gguf_file": name}
+    target = dequantized_dir()
+    if not (target / "config.json").exists():
+        done = subprocess.run([sys.executable, "-m", "collapsediag.models", str(target)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not (target / "config.json").exists():
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            warnings.warn(f"could not cache the dequantised model at {target} ({why}); loading the GGUF",
+                          stacklevel=3)
+            return folder, {"gguf_file": name}
+    return str(target), {}
+
+
 def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+               device: str | torch.device = "cpu", dequantized_cache: bool = True) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, in eval mode, with a pad token and right padding.
 
-    ``"smollm2-135m"`` loads the embedded SmolLM2-135M-Instruct (dequantised to float32).
+    ``"smollm2-135m"`` loads the embedded SmolLM2-135M-Instruct, dequantised to float32. With
+    ``dequantized_cache`` the dequantised weights are saved once under ``$COLLAPSEDIAG_CACHE/models`` and
+    later loads read them memory-mapped (same weights, lower peak memory); False reads the GGUF each time.
+    The model's device and dtype are what every editor computes in.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {}
     path = name_or_path
     if name_or_path == EMBEDDED:
-        path, kwargs["gguf_file"] = embedded_model_path()
+        path, kwargs = _embedded_source(dequantized_cache)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -78,3 +136,7 @@ def model_name(model: nn.Module) -> str:
     """The name the model was loaded under (or its config's name_or_path)."""
     return str(getattr(model, "collapsediag_name", None) or getattr(model.config, "_name_or_path", "") or
                model.config.model_type)
+
+
+if __name__ == "__main__":  # python -m collapsediag.models OUT: write the dequantised embedded model
+    save_dequantized(sys.argv[1])

@@ -34,3 +34,44 @@ def test_three_real_rome_edits_raise_p_new(smollm, tmp_path):
         assert row["p_new_after"] > row["p_new_before"], row
     run = load_run(tmp_path / "run")
     assert len(run.layers) == 3 and (run.layers["denominator"].abs() > 0).all()
+
+
+def test_dequantized_copy_equals_the_gguf(smollm, tmp_path, monkeypatch):
+    import hashlib
+
+    import torch
+
+    from collapsediag.models import dequantized_dir, load_model, model_fingerprint
+
+    cached, cached_tok = smollm  # loaded through the dequantised copy
+    target = dequantized_dir()
+    assert (target / "model.safetensors").exists()
+    file_hash = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
+    gguf, gguf_tok = load_model("smollm2-135m", dequantized_cache=False)
+    assert model_fingerprint(cached) == model_fingerprint(gguf)
+    for (name, a), (_, b) in zip(cached.state_dict().items(), gguf.state_dict().items()):
+        assert torch.equal(a, b), name
+    text = "The mother tongue of Danielle Darrieux is French.\n<|im_start|>user"
+    assert cached_tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    assert (cached_tok.eos_token_id, cached_tok.pad_token_id) == (gguf_tok.eos_token_id, gguf_tok.pad_token_id)
+    w = cached.model.layers[5].mlp.down_proj.weight
+    before = w.detach().clone()
+    with torch.no_grad():  # editing the memory-mapped weights must not touch the file
+        w.add_(1.0)
+        assert not torch.equal(w, before)
+        w.copy_(before)
+    assert hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest() == file_hash
+
+
+def test_dequantized_copy_falls_back_to_the_gguf(monkeypatch, tmp_path):
+    import subprocess
+
+    from collapsediag import models
+
+    models.embedded_model_path()
+    monkeypatch.setenv("COLLAPSEDIAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "disk full"))
+    with pytest.warns(UserWarning, match="disk full"):
+        path, kwargs = models._embedded_source(cache=True)
+    assert kwargs == {"gguf_file": models._GGUF_FILE} and path == models.embedded_model_path()[0]
+    assert models._embedded_source(cache=False)[1] == {"gguf_file": models._GGUF_FILE}
