@@ -28,7 +28,7 @@ def heldout_texts(path: str | pathlib.Path | None = None, max_passages: int | No
     return texts[:max_passages] if max_passages else texts
 
 
-def perplexity(model: nn.Module, tok: object, texts: list[str], max_len: int = 256, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module, tok: object, texts: list[str], max_len: int = 256, batch_size: int = 4) -> float:
     """exp(mean next-token NLL over every token of ``texts``), each text cut to ``max_len`` tokens."""
     seqs = [ids[:max_len] for ids in (tok(t)["input_ids"] for t in texts) if len(ids) > 1]
     seqs.sort(key=len)

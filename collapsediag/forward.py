@@ -30,7 +30,7 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def token_nll_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-                  cols: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> float:
+                  cols: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> float:
     """Σ −log p(targets[i] | prefix up to (rows[i], cols[i])), with the unembedding applied ``chunk``
     positions at a time so a long batch never holds every position's logits (49k floats each)."""
     if model.config.model_type not in PLAIN_HEAD:
