@@ -1,4 +1,7 @@
 """The speed-ups leave results unchanged: the suffix forward of the target optimisation."""
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -51,6 +54,83 @@ def test_optimise_target_fast_equals_plain(tok, kind):
         assert fast.delta.norm() > 0
         assert (fast.target - plain.target).norm() / plain.target.norm() < 1e-4
         assert fast.loss == pytest.approx(plain.loss, rel=1e-4)
+
+
+def test_target_batch_split_parts_give_the_same_logits(tok):
+    model = make_model("llama", len(tok))
+    arch, (rewrite, _) = _modules(model)
+    bt = target_batch(tok, REQ, TEMPLATES)
+    parts = bt.split(3)
+    assert [len(p.ids) for p in parts] == [3, 1] and bt.split(10) == [bt]
+    assert sum(p.n_tok for p in parts) == bt.n_tok and sum(p.n_prompts for p in parts) == bt.n_prompts
+    assert parts[1].n_prompts == 0 and parts[1].n_tok == 0 and len(parts[1].rows) == 1  # the KL prompt alone
+    delta = 0.5 * torch.randn_like(PlainForward(model, rewrite, bt).init)
+    whole = PlainForward(model, rewrite, bt).logits(delta)
+    got = [PlainForward(model, rewrite, p).logits(delta) for p in parts]
+    tok_rows = torch.cat([g[:p.n_tok] for g, p in zip(got, parts)])
+    kl_rows = torch.cat([g[p.n_tok:] for g, p in zip(got, parts)])
+    assert torch.allclose(tok_rows, whole[:bt.n_tok], atol=1e-5)
+    assert torch.allclose(kl_rows, whole[bt.n_tok:], atol=1e-5)
+    assert torch.equal(torch.cat([p.target_tokens for p in parts]), bt.target_tokens)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_optimise_target_in_parts_equals_one_pass(tok, kind, monkeypatch):
+    from collapsediag.editors import target
+
+    model = make_model(kind, len(tok))
+    arch, (rewrite, _) = _modules(model)
+    settings = TargetSettings(steps=4, lr=0.05, clamp_norm_factor=100.0)
+    monkeypatch.setattr(target, "ROWS_PER_PASS", 100)
+    whole = optimise_target(model, tok, REQ, TEMPLATES, rewrite, settings, arch)
+    for rows in (1, 2):
+        monkeypatch.setattr(target, "ROWS_PER_PASS", rows)
+        parts = optimise_target(model, tok, REQ, TEMPLATES, rewrite, settings, arch)
+        assert parts.steps == whole.steps == 3 and whole.delta.norm() > 0
+        assert (parts.target - whole.target).norm() / whole.target.norm() < 1e-5
+        assert parts.loss == pytest.approx(whole.loss, rel=1e-5)
+        assert parts.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-9)
+
+
+def _saved_bytes_and_logits(fwd, delta):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fwd.logits(delta)
+    return sum(sizes), out
+
+
+def test_grouped_kv_attention_saves_memory_at_the_same_logits(tok, monkeypatch):
+    model = make_model("llama", len(tok))  # 4 query heads share 2 key/value heads
+    arch, (rewrite, _) = _modules(model)
+    fwd = SuffixForward(model, arch, 1, rewrite, target_batch(tok, REQ, TEMPLATES))
+    delta = (0.5 * torch.randn_like(fwd.init)).requires_grad_(True)
+    monkeypatch.setattr(suffix, "grouped_kv_attention", contextlib.nullcontext)
+    plain_bytes, plain = _saved_bytes_and_logits(fwd, delta)
+    monkeypatch.undo()
+    gqa_bytes, gqa = _saved_bytes_and_logits(fwd, delta)
+    assert gqa_bytes < plain_bytes
+    assert torch.allclose(gqa, plain, atol=1e-6)
+    g1, = torch.autograd.grad(gqa.sum(), delta)
+    g2, = torch.autograd.grad(plain.sum(), delta)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_grouped_kv_attention_restores_the_switch(monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv(suffix.GQA_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(suffix.GQA_SWITCH, before)
+    with pytest.raises(KeyError):
+        with suffix.grouped_kv_attention():
+            assert os.environ[suffix.GQA_SWITCH] == "1"
+            raise KeyError("inside")
+    assert os.environ.get(suffix.GQA_SWITCH) == before
 
 
 def test_target_forward_picks_suffix_and_falls_back_when_check_fails(tok, monkeypatch):

@@ -8,8 +8,10 @@ Its first logits are checked against the full forward's; on a mismatch the plain
 """
 from __future__ import annotations
 
+import os
 import warnings
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from .target import TargetBatch
 
 CHECK_TOLERANCE = 1e-3  # largest |Δlogit| / max |logit| accepted between the two forwards
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' SDPA attention at every call
 
 
 class PlainForward:
@@ -44,6 +47,22 @@ class PlainForward:
 
         with Trace(self.model, self.module, edit_output=add_delta, detach=False):
             return logits_at(self.model, self.ids, self.mask, self.rows, self.cols)
+
+
+@contextmanager
+def grouped_kv_attention() -> Iterator[None]:
+    """Within: transformers' SDPA attention shares each key/value head among its query heads (``enable_gqa``)
+    instead of copying it per head, so the autograd graph of a grouped-query model (Llama) keeps the keys and
+    values once. Same numbers; where transformers ignores the switch nothing changes."""
+    old = os.environ.get(GQA_SWITCH)
+    os.environ[GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[GQA_SWITCH]
+        else:
+            os.environ[GQA_SWITCH] = old
 
 
 def _kv_pairs(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,7 +118,8 @@ class SuffixForward:
             return hidden
 
         cache = DynamicCache(self.kv)
-        with SkipBlocks(self.model, self.arch.blocks_name(), self.layer, self.like, block_out):
+        with SkipBlocks(self.model, self.arch.blocks_name(), self.layer, self.like, block_out), \
+                grouped_kv_attention():
             return logits_at(self.model, self.new_ids, self.new_mask, self.rows, self.cols,
                              position_ids=self.positions, past_key_values=cache, use_cache=True)
 

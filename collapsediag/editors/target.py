@@ -8,6 +8,7 @@ with Adam, early stop below 0.05, and ‖δ‖ clamped to clamp_norm_factor · �
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 KL_PROMPT = "{} is a"
 EARLY_STOP = 5e-2
+# Prompts per forward+backward. Each pass reads every weight after the edited layer, so passes cost time
+# (SmolLM2, 22 prompts: 0.42 s a step in one pass, 0.76 s in three); more rows than this are split to bound memory.
+ROWS_PER_PASS = 32
 
 
 @dataclass
@@ -80,6 +84,25 @@ class TargetBatch:
         """Number of target-token positions (the first ``n_tok`` of rows/cols)."""
         return len(self.target_tokens)
 
+    def split(self, size: int) -> list["TargetBatch"]:
+        """Consecutive parts of at most ``size`` rows, each a batch of its own (its rows renumbered from 0)."""
+        n_rows = len(self.ids)
+        if size >= n_rows:
+            return [self]
+        kl_pos = torch.arange(self.n_tok, len(self.rows), device=self.rows.device)
+        parts = []
+        for a in range(0, n_rows, size):
+            b = min(a + size, n_rows)
+            tok_pos = ((self.row_of_token >= a) & (self.row_of_token < b)).nonzero().squeeze(1)
+            kl = kl_pos[(self.rows[kl_pos] >= a) & (self.rows[kl_pos] < b)]
+            pos = torch.cat([tok_pos, kl])
+            parts.append(TargetBatch(ids=self.ids[a:b], mask=self.mask[a:b], subj=self.subj[a:b],
+                                     rows=self.rows[pos] - a, cols=self.cols[pos],
+                                     target_tokens=self.target_tokens[tok_pos],
+                                     row_of_token=self.row_of_token[tok_pos] - a,
+                                     n_prompts=max(0, min(b, self.n_prompts) - a), target_len=self.target_len))
+        return parts
+
 
 def target_batch(tok: object, req: EditRequest, templates: list[str], device: torch.device | str = "cpu"
                  ) -> TargetBatch:
@@ -119,41 +142,48 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
     device = next(model.parameters()).device
     bt = target_batch(tok, req, templates, device)
     dtype = next(model.parameters()).dtype
-    fwd = target_forward(model, arch, module, bt, fast=fast)
-    init = fwd.init
+    parts = bt.split(ROWS_PER_PASS)
+    fwds = [target_forward(model, arch, module, part, fast=fast) for part in parts]
+    init = fwds[0].init
+    n_kl = len(bt.rows) - bt.n_tok
     delta = torch.zeros_like(init, requires_grad=True)
-    opt: torch.optim.Optimizer | None = None
-    kl_init = None
+    opt = torch.optim.Adam([delta], lr=settings.lr)
+    kl_init: list[torch.Tensor | None] = [None] * len(parts)
     steps_done = 0
     loss_v = nll_v = kl_v = float("nan")
-    with torch.enable_grad():
-        for it in range(settings.steps):
-            logits = fwd.logits(delta)
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            tok_lp = lp[:bt.n_tok].gather(1, bt.target_tokens[:, None]).squeeze(1)
-            per_prompt = torch.zeros(bt.n_prompts, device=device).index_add(0, bt.row_of_token, tok_lp)
-            nll = -(per_prompt / bt.target_len).mean()
-            kl_lp = lp[bt.n_tok:]
-            if kl_init is None:
-                kl_init = kl_lp.detach().clone()
-            kl = settings.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+    for it in range(settings.steps):
+        last = it == settings.steps - 1
+        opt.zero_grad()
+        nll_v = kl_v = 0.0
+        # The loss is a sum over prompts: each part's share is back-propagated on its own (less memory).
+        for i, (part, fwd) in enumerate(zip(parts, fwds)):
+            with torch.set_grad_enabled(not last):
+                lp = torch.log_softmax(fwd.logits(delta).float(), dim=-1)
+                tok_lp = lp[:part.n_tok].gather(1, part.target_tokens[:, None]).squeeze(1)
+                per_prompt = torch.zeros(part.n_prompts, device=device).index_add(0, part.row_of_token, tok_lp)
+                nll = -(per_prompt / bt.target_len).sum() / bt.n_prompts
+                kl_lp = lp[part.n_tok:]
+                if kl_init[i] is None:
+                    kl_init[i] = kl_lp.detach().clone()
+                kl = settings.kl_factor * F.kl_div(kl_init[i], kl_lp, log_target=True, reduction="sum") / n_kl
+                if not last:
+                    (nll + kl).backward()
+            nll_v += nll.item()
+            kl_v += kl.item()
+        with torch.set_grad_enabled(not last):
             wd = settings.weight_decay * delta.norm() / init.float().norm() ** 2
-            loss = nll + kl + wd
-            loss_v, nll_v, kl_v = loss.item(), nll.item(), kl.item()
-            if not torch.isfinite(loss):
-                raise EditError(req.case_id, f"non-finite loss {loss_v} in the target optimisation")
-            if loss_v < EARLY_STOP or it == settings.steps - 1:
-                break
-            if opt is None:
-                opt = torch.optim.Adam([delta], lr=settings.lr)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps_done += 1
-            with torch.no_grad():
-                max_norm = settings.clamp_norm_factor * init.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+        loss_v = nll_v + kl_v + wd.item()
+        if not math.isfinite(loss_v):
+            raise EditError(req.case_id, f"non-finite loss {loss_v} in the target optimisation")
+        if loss_v < EARLY_STOP or last:
+            break
+        wd.backward()
+        opt.step()
+        steps_done += 1
+        with torch.no_grad():
+            max_norm = settings.clamp_norm_factor * init.norm()
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
     result = TargetResult(init=init.to(dtype), delta=delta.detach().to(dtype), steps=steps_done,
                           loss=loss_v, nll=nll_v, kl=kl_v)
     if not torch.isfinite(result.target).all():
