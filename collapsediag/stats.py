@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec
 from .errors import CollapseDiagError
-from .linalg import spd_condition
+from .linalg import condition_of, spd_extremes
 from .hooks import TraceDict
 from .models import model_fingerprint, model_name
 
@@ -94,7 +94,7 @@ class LayerStats:
     identity: dict = field(default_factory=dict)
     _chol: torch.Tensor | None = field(default=None, repr=False)
     _eig: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _condition: float | None = field(default=None, repr=False)
+    _extremes: tuple[float, float] | None = field(default=None, repr=False)
 
     @property
     def chol(self) -> torch.Tensor:
@@ -115,17 +115,44 @@ class LayerStats:
         out = torch.cholesky_solve(x64.unsqueeze(1) if vec else x64, self.chol)
         return (out.squeeze(1) if vec else out).to(x.dtype)
 
+    @property
+    def eigh_file(self) -> pathlib.Path | None:
+        """Where C's eigendecomposition is kept next to the cached statistics (None when not from a cache)."""
+        cache = self.identity.get("cache_file")
+        return pathlib.Path(cache).with_suffix(".eigh.npz") if cache else None
+
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (ascending) and eigenvectors of C (computed once)."""
+        """Eigenvalues (ascending) and eigenvectors of C: computed once (0.5 s at d = 1536) and saved beside
+        the cached statistics, so later sessions read it."""
         if self._eig is None:
-            self._eig = torch.linalg.eigh(self.mom2)
+            path = self.eigh_file
+            if path is not None and path.exists():
+                with np.load(path) as z:
+                    eig = torch.from_numpy(z["values"]), torch.from_numpy(z["vectors"])
+            else:
+                eig = torch.linalg.eigh(self.mom2)
+                if path is not None:
+                    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+                    try:
+                        np.savez(tmp, values=eig[0].cpu().numpy(), vectors=eig[1].cpu().numpy())
+                        os.replace(tmp, path)
+                    except OSError:  # a read-only cache: computed again next session
+                        tmp.unlink(missing_ok=True)
+            self._eig = eig[0].to(self.mom2.device), eig[1].to(self.mom2.device)
         return self._eig
+
+    def extremes(self) -> tuple[float, float]:
+        """(λ_min, λ_max) of C (computed once; exact from ``eigh`` when it is at hand, else Lanczos)."""
+        if self._extremes is None:
+            if self._eig is not None:
+                self._extremes = float(self._eig[0][0]), float(self._eig[0][-1])
+            else:
+                self._extremes = spd_extremes(self.mom2, self._chol)
+        return self._extremes
 
     def condition(self) -> float:
         """Condition number of C (computed once)."""
-        if self._condition is None:
-            self._condition = spd_condition(self.mom2, self._chol)
-        return self._condition
+        return condition_of(*self.extremes())
 
 
 def compute_second_moments(model: nn.Module, tok: object, arch: ArchSpec, layers: list[int],

@@ -180,6 +180,23 @@ def test_spd_condition_matches_the_eigendecomposition(d):
         assert spd_condition(-a) == float("inf")
 
 
+@pytest.mark.parametrize("d, n", [(300, 3), (300, 1), (20, 4), (300, 200)])
+def test_diag_lowrank_condition_matches_the_dense_matrix(d, n):
+    from collapsediag.linalg import diag_lowrank_condition, spd_extremes
+
+    g = torch.Generator().manual_seed(d + n)
+    diag = torch.logspace(-4, 1, d, dtype=torch.float64)[torch.randperm(d, generator=g)]
+    low = torch.randn(d, n, generator=g, dtype=torch.float64)
+    dense = torch.diag(diag) + low @ low.T
+    ev = torch.linalg.eigvalsh(dense)
+    assert diag_lowrank_condition(diag, low) == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
+    lo, hi = spd_extremes(dense)
+    assert (lo, hi) == (pytest.approx(float(ev[0]), rel=1e-4), pytest.approx(float(ev[-1]), rel=1e-4))
+    diag[0] = 0.0  # not positive definite on its own: the dense fallback still gives κ of the sum
+    ev = torch.linalg.eigvalsh(torch.diag(diag) + low @ low.T)
+    assert diag_lowrank_condition(diag, low) == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
+
+
 def test_recorder_calls_lazy_values_and_null_recorder_skips_them():
     from collapsediag.recorder import NullRecorder, Recorder
 

@@ -44,6 +44,31 @@ def test_memit_solve_is_the_regularised_least_squares_minimiser():
     assert diag["condition"]() == pytest.approx(ev[-1] / ev[0], rel=1e-4)  # lazy: computed only when recorded
 
 
+def test_conditions_from_c_eigendecomposition_equal_the_dense_ones():
+    d, n, lam, mu = 200, 3, 50.0, 0.5
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(d, n, generator=g, dtype=torch.float64)
+    resid = torch.randn(5, n, generator=g, dtype=torch.float64)
+    c = _spd(d, 5) + 1e-3 * torch.eye(d, dtype=torch.float64)
+    eig = torch.linalg.eigh(c)
+    calls = []
+
+    def eigh():
+        calls.append(1)
+        return eig
+
+    plain, fast = memit_solve(keys, resid, c, lam)[2], memit_solve(keys, resid, c, lam, eigh)[2]
+    assert not calls  # lazy: nothing is decomposed unless the condition is recorded
+    ev = torch.linalg.eigvalsh(lam * c + keys @ keys.T)
+    assert fast["condition"]() == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4) and calls
+    assert fast["condition"]() == pytest.approx(plain["condition"](), rel=1e-4)
+    plain = emmet_solve(keys, resid, c, lam, mu, 0.1)[2]
+    fast = emmet_solve(keys, resid, c, lam, mu, 0.1, lambda: (float(eig[0][0]), float(eig[0][-1])))[2]
+    ev = torch.linalg.eigvalsh(lam * c + mu * torch.eye(d, dtype=torch.float64))
+    assert fast["condition_c"]() == pytest.approx(float(ev[-1] / ev[0]), rel=1e-9)
+    assert plain["condition_c"]() == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
+
+
 def test_emmet_meets_its_constraints_and_is_rank_one_for_one_key():
     d_in, d_out, n = 12, 7, 5
     g = torch.Generator().manual_seed(2)

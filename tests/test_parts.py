@@ -153,6 +153,24 @@ def test_stats_cache_hits_and_keys(tiny, tmp_path):
     assert a.condition() >= 1.0
 
 
+def test_stats_eigendecomposition_is_saved_beside_the_cache(tiny, tmp_path):
+    model, tok = tiny
+    spec, cache = arch_for(model), StatsCache(tmp_path)
+    corpus = TextCorpus.from_texts(corpus_texts(200))
+    a = cache.get(model, tok, spec, [1], corpus, n_tokens=3000, seq_len=32, progress=False)[1]
+    lanczos = a.condition()
+    assert not a.eigh_file.exists()
+    values, vectors = a.eigh()
+    assert a.eigh_file.exists()
+    assert torch.allclose(vectors @ torch.diag(values) @ vectors.T, a.mom2, atol=1e-9)
+    b = cache.get(model, tok, spec, [1], corpus, n_tokens=3000, seq_len=32, progress=False)[1]
+    assert b._eig is None
+    assert torch.equal(b.eigh()[0], values) and torch.equal(b.eigh()[1], vectors)  # read, not recomputed
+    assert b.extremes() == (float(values[0]), float(values[-1]))
+    assert b.condition() == pytest.approx(lanczos, rel=1e-4)
+    assert LayerStats(layer=1, mom2=a.mom2, count=1).eigh_file is None  # not from a cache: kept in memory
+
+
 def test_singular_stats_error():
     s = LayerStats(layer=3, mom2=torch.zeros(4, 4, dtype=torch.float64), count=1)
     with pytest.raises(CollapseDiagError, match="singular"):
