@@ -92,6 +92,21 @@ def test_optimise_target_in_parts_equals_one_pass(tok, kind, monkeypatch):
         assert parts.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.parametrize("rows, backward_calls", [(100, 0), (2, 2)])
+def test_early_stop_skips_the_backward_of_a_single_pass(tok, monkeypatch, rows, backward_calls):
+    from collapsediag.editors import target
+
+    model = make_model("llama", len(tok))
+    arch, (rewrite, _) = _modules(model)
+    calls = []
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda t, *a, **k: calls.append(1) or backward(t, *a, **k))
+    monkeypatch.setattr(target, "EARLY_STOP", 1e9)  # stops after the first forward
+    monkeypatch.setattr(target, "ROWS_PER_PASS", rows)
+    res = optimise_target(model, tok, REQ, TEMPLATES, rewrite, TargetSettings(steps=4), arch)
+    assert res.steps == 0 and len(calls) == backward_calls  # parts back-propagate before the loss is known
+
+
 def _saved_bytes_and_logits(fwd, delta):
     sizes = []
 

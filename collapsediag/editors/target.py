@@ -155,6 +155,7 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
         last = it == settings.steps - 1
         opt.zero_grad()
         nll_v = kl_v = 0.0
+        deferred: list[torch.Tensor] = []  # one part: its backward waits for the early-stop check
         # The loss is a sum over prompts: each part's share is back-propagated on its own (less memory).
         for i, (part, fwd) in enumerate(zip(parts, fwds)):
             with torch.set_grad_enabled(not last):
@@ -167,7 +168,10 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
                     kl_init[i] = kl_lp.detach().clone()
                 kl = settings.kl_factor * F.kl_div(kl_init[i], kl_lp, log_target=True, reduction="sum") / n_kl
                 if not last:
-                    (nll + kl).backward()
+                    if len(parts) == 1:
+                        deferred.append(nll + kl)
+                    else:
+                        (nll + kl).backward()
             nll_v += nll.item()
             kl_v += kl.item()
         with torch.set_grad_enabled(not last):
@@ -177,7 +181,7 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
             raise EditError(req.case_id, f"non-finite loss {loss_v} in the target optimisation")
         if loss_v < EARLY_STOP or last:
             break
-        wd.backward()
+        sum(deferred, wd).backward()
         opt.step()
         steps_done += 1
         with torch.no_grad():
