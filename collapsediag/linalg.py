@@ -60,6 +60,30 @@ def spd_condition(a: torch.Tensor, chol: torch.Tensor | None = None, tol: float 
     return condition_of(*spd_extremes(a, chol, tol))
 
 
+def updated_spd_condition(a: torch.Tensor, chol: torch.Tensor, keys: torch.Tensor, tol: float = 1e-3) -> float:
+    """κ₂ of A + KKᵀ from A's Cholesky factor, never forming the sum (D4S's λC + Σ_{≤t}KKᵀ from its
+    λC + Σ_{<t}KKᵀ): products A x + K(Kᵀx), and (A + KKᵀ)⁻¹ through the Woodbury identity, so no new
+    O(d³) factorisation."""
+    from scipy.linalg import cho_factor, cho_solve
+    from scipy.sparse.linalg import ArpackNoConvergence
+
+    d, n = keys.shape
+    if d < DENSE_BELOW:
+        return spd_condition(a.double() + keys.double() @ keys.double().T)
+    a64, l64, k = a.double().cpu().numpy(), chol.double().cpu().numpy(), keys.double().cpu().numpy()
+    b = cho_solve((l64, True), k, check_finite=False)  # A⁻¹K
+    small = cho_factor(np.eye(n) + k.T @ b)  # I + KᵀA⁻¹K
+
+    def inv(x: np.ndarray) -> np.ndarray:
+        y = cho_solve((l64, True), x, check_finite=False)
+        return y - b @ cho_solve(small, k.T @ y, check_finite=False)
+
+    try:
+        return condition_of(*_lanczos_extremes(lambda x: a64 @ x + k @ (k.T @ x), inv, d, tol))
+    except ArpackNoConvergence:
+        return spd_condition(a.double() + keys.double() @ keys.double().T)
+
+
 def diag_lowrank_condition(diag: torch.Tensor, low: torch.Tensor, tol: float = 1e-3) -> float:
     """κ₂ of diag(D) + U Uᵀ (D > 0, U [d, n]): the matrix MEMIT inverts, λC + KKᵀ, written in C's eigenbasis.
 

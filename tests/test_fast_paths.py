@@ -212,6 +212,20 @@ def test_diag_lowrank_condition_matches_the_dense_matrix(d, n):
     assert diag_lowrank_condition(diag, low) == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
 
 
+@pytest.mark.parametrize("d, n", [(300, 1), (300, 5), (20, 2)])
+def test_updated_spd_condition_matches_the_dense_sum(d, n):
+    from collapsediag.linalg import updated_spd_condition
+
+    g = torch.Generator().manual_seed(d + n)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(-3, 2, d, dtype=torch.float64)) @ q.T
+    keys = 3 * torch.randn(d, n, generator=g, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(a + keys @ keys.T)
+    got = updated_spd_condition(a, torch.linalg.cholesky(a), keys)
+    assert got == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
+    assert got != pytest.approx(1e5, rel=1e-2)  # the keys change κ(A) = 1e5
+
+
 def test_recorder_calls_lazy_values_and_null_recorder_skips_them():
     from collapsediag.recorder import NullRecorder, Recorder
 

@@ -44,6 +44,8 @@ def test_d4s_steps_sum_to_one_batched_solve(n):
         ks.append(k)
         rs.append(r)
         assert diag["cache_trace"] == pytest.approx(float(kk.trace()))
+        ev = torch.linalg.eigvalsh(lam * c + kk)
+        assert diag["condition"]() == pytest.approx(float(ev[-1] / ev[0]), rel=1e-6)
         assert 0 < diag["denominator"] < 1
     left, right, _ = memit_solve(torch.cat(ks, 1), torch.cat(rs, 1), c, lam)
     want = left @ right.T

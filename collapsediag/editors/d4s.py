@@ -19,7 +19,7 @@ from torch import nn
 
 from ..arch import get_module, weight_matrix
 from ..errors import EditError
-from ..linalg import spd_condition
+from ..linalg import updated_spd_condition
 from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, apply_deltas
@@ -52,9 +52,9 @@ def d4s_increment(keys: torch.Tensor, resid: torch.Tensor, moved: torch.Tensor, 
     eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
     left = torch.linalg.solve(eye + m, (resid - moved @ b).T).T
     mu = torch.linalg.eigvalsh(m)
-    kk_new = kk_sum + keys @ keys.T
-    return left, b, {"denominator": float(mu[0] / (1 + mu[0])), "condition": lambda: spd_condition(lam_c + kk_new),
-                     "cache_trace": float(kk_new.trace())}
+    return left, b, {"denominator": float(mu[0] / (1 + mu[0])),
+                     "condition": lambda: updated_spd_condition(a_prev, chol, keys),  # of λC + Σ_{≤t} KKᵀ
+                     "cache_trace": float(kk_sum.trace() + keys.pow(2).sum())}
 
 
 class D4s(AccumulatingMemit):
