@@ -400,10 +400,10 @@ class EditSession:
                    "delta_l1": float(dw.abs().sum() / n), "delta_fro": float(dw.norm()),
                    "drift_fro": float((w - self.w0[d.layer]).norm() / n),
                    "drift_l1": float((w - self.w0[d.layer]).abs().sum() / n)}
-            stats = self.env.stats.get(d.layer)
-            if stats is not None:
-                row["condition"] = stats.condition()
             row.update(logged.get(d.layer, {}))
+            stats = self.env.stats.get(d.layer)
+            if stats is not None and "condition" not in row:  # the editor's own matrix takes precedence
+                row["condition"] = stats.condition()
             rows.append(row)
         return rows
 

@@ -176,3 +176,21 @@ def test_cli_run_and_report(tok, tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert "r-rome" in capsys.readouterr().out
     assert main(["run", "--editor", "nope", "--data", f"facts:{facts}", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_layer_condition_is_the_editors_matrix_and_c_only_for_rome(tiny, env_for, tmp_path, monkeypatch):
+    from collapsediag.stats import LayerStats
+
+    model, tok = tiny
+    env = env_for(model, [1], tmp_path)
+    calls = []
+    condition = LayerStats.condition
+    monkeypatch.setattr(LayerStats, "condition", lambda self: calls.append(self.layer) or condition(self))
+    memit = EditSession(model, tok, get_editor("memit", {"layers": [1], "z_num_grad_steps": 2}), out=None,
+                        stats=env.stats, templates=env.templates, progress=False)
+    memit.run(GOOD[:1], progress=False)
+    assert calls == [] and memit.layer_rows[0]["condition"] > 1  # κ(λC + KKᵀ), not κ(C)
+    memit.restore()
+    rome = _session(model, tok, env_for, tmp_path, out="rome")
+    rome.run(GOOD[:1], progress=False)
+    assert calls == [1] and rome.layer_rows[0]["condition"] == pytest.approx(rome.env.stats[1].condition())
