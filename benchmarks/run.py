@@ -7,7 +7,8 @@ Prints one JSON object. Keys and targets:
   edit_ratio_to_fwdbwd                    ROME's v* (20 steps, no early stop) vs 20 plain forward+backward
                                           passes of the full model over the same prompt batch (≤ 0.6)
   diag_overhead                           the same edits with diagnostics on vs off, as a fraction (≤ 0.05);
-                                          diag_seconds_over_edit_seconds times the diagnostics' own code.
+                                          diag_seconds_over_edit_seconds: the diagnostics' own code over the
+                                          edit time, per editor.
                                           One-off, not per edit: C's eigendecomposition per layer
                                           (c_eigh_seconds_per_layer), saved beside the cached statistics
   eval_ratio_to_forward                   retention-evaluation tokens/s vs a bare forward (≥ 0.8)
@@ -40,7 +41,7 @@ from collapsediag.tokens import continuation, encode, pad_batch, target_ids
 
 TARGETS = {"stats_speedup": (">=", 5.0), "edit_ratio_to_fwdbwd": ("<=", 0.6), "diag_overhead": ("<=", 0.05),
            "eval_ratio_to_forward": (">=", 0.8), "peak_rss_ratio": ("<=", 2.5)}
-EDITORS = ["rome", "r-rome", "memit", "emmet", "d4s"]
+EDITORS = ["rome", "r-rome", "memit", "emmet", "d4s", "alphaedit"]
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:
@@ -132,20 +133,15 @@ def edit_times(model: torch.nn.Module, tok: object, editor: str, records: list[d
     return [r["seconds"] for r in rows]
 
 
-def bench_edits(model: torch.nn.Module, tok: object, records: list[dict], templates: dict) -> dict:
-    """Median seconds per edit of every editor."""
-    return {"edit_seconds": {e: float(torch.tensor(edit_times(model, tok, e, records, templates)).median())
-                             for e in EDITORS}}
-
-
 class DiagTimer:
-    """Seconds spent in the diagnostics alone: ``Recorder.log`` (which computes lazy values) and the
-    per-layer rows (weight and update norms) of ``EditSession``."""
+    """Within: seconds spent in the diagnostics alone, i.e. in ``Recorder.log`` (which computes the lazy
+    values) and in ``EditSession._layer_rows`` (weight and update norms)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self._saved: tuple = ()
 
-    def wrap(self, fn: Callable) -> Callable:
+    def _wrap(self, fn: Callable) -> Callable:
         def timed_fn(*args: object, **kwargs: object) -> object:
             t0 = time.perf_counter()
             try:
@@ -154,31 +150,43 @@ class DiagTimer:
                 self.seconds += time.perf_counter() - t0
         return timed_fn
 
+    def __enter__(self) -> "DiagTimer":
+        from collapsediag.recorder import Recorder
+
+        self._saved = (Recorder.log, EditSession._layer_rows)
+        Recorder.log, EditSession._layer_rows = self._wrap(Recorder.log), self._wrap(EditSession._layer_rows)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from collapsediag.recorder import Recorder
+
+        Recorder.log, EditSession._layer_rows = self._saved
+
+
+def bench_edits(model: torch.nn.Module, tok: object, records: list[dict], templates: dict) -> dict:
+    """Median seconds per edit of every editor, and the share of that time spent in the diagnostics."""
+    seconds, share = {}, {}
+    for editor in EDITORS:
+        with DiagTimer() as timer:
+            times = edit_times(model, tok, editor, records, templates)
+        seconds[editor] = float(torch.tensor(times).median())
+        share[editor] = timer.seconds / sum(times)
+    return {"edit_seconds": seconds, "diag_seconds_over_edit_seconds": share}
+
 
 def bench_diagnostics(model: torch.nn.Module, tok: object, records: list[dict], templates: dict,
                       rounds: int) -> dict:
     """Edit time with diagnostics on vs off (ROME and MEMIT): ``rounds`` off-on / on-off pairs, each edit's
-    best time over the rounds (other load only ever adds time), summed; and the seconds spent inside the
-    diagnostics themselves."""
-    from collapsediag.recorder import Recorder
-
-    out, direct = {}, {}
+    best time over the rounds (other load only ever adds time), summed."""
+    out = {}
     for editor in ("rome", "memit"):
         times: dict[bool, list[list[float]]] = {False: [], True: []}
-        timer = DiagTimer()
-        log, layer_rows = Recorder.log, EditSession._layer_rows
         for r in range(rounds):
             for diag in ((False, True) if r % 2 == 0 else (True, False)):
-                Recorder.log, EditSession._layer_rows = timer.wrap(log), timer.wrap(layer_rows)
-                try:
-                    times[diag].append(edit_times(model, tok, editor, records, templates, diagnostics=diag))
-                finally:
-                    Recorder.log, EditSession._layer_rows = log, layer_rows
+                times[diag].append(edit_times(model, tok, editor, records, templates, diagnostics=diag))
         off, on = (sum(min(per_round) for per_round in zip(*times[d])) for d in (False, True))
         out[editor] = on / off - 1
-        direct[editor] = timer.seconds / sum(sum(t) for t in times[False])
-    return {"diag_overhead": max(out.values()), "diag_overhead_by_editor": out,
-            "diag_seconds_over_edit_seconds": direct}
+    return {"diag_overhead": max(out.values()), "diag_overhead_by_editor": out}
 
 
 def bench_eval(model: torch.nn.Module, tok: object, reqs: list[EditRequest]) -> dict:
