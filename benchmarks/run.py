@@ -178,8 +178,9 @@ def bench_diagnostics(model: torch.nn.Module, tok: object, records: list[dict], 
                       rounds: int) -> dict:
     """Each edit made twice in a row from the unedited weights, diagnostics off and on (order alternating),
     so slow drift of the machine's speed cancels within a pair: ROME and MEMIT, ``rounds`` passes over
-    ``records``. Overhead = Σ on / Σ off − 1 over the pairs, with the standard error of the pairs' ratios."""
-    out, err = {}, {}
+    ``records``. Overhead = Σ on / Σ off − 1 over the pairs, with the standard error and the median of the
+    pairs' ratios, and every pair's seconds."""
+    out, err, med, raw = {}, {}, {}, {}
     for editor in ("rome", "memit"):
         ed = get_editor(editor)
         s = EditSession(model, tok, ed, out=None, progress=False, templates=templates.get(ed.context_lengths))
@@ -199,8 +200,11 @@ def bench_diagnostics(model: torch.nn.Module, tok: object, records: list[dict], 
         ratios = torch.tensor([on / off for off, on in pairs], dtype=torch.float64)
         out[editor] = sum(on for _, on in pairs) / sum(off for off, _ in pairs) - 1
         err[editor] = float(ratios.std() / len(ratios) ** 0.5)
+        med[editor] = float(ratios.median()) - 1
+        raw[editor] = [[round(off, 3), round(on, 3)] for off, on in pairs]
     return {"diag_overhead": max(out.values()), "diag_overhead_by_editor": out,
-            "diag_overhead_standard_error": err, "diag_overhead_pairs": len(records) * rounds}
+            "diag_overhead_standard_error": err, "diag_overhead_median_pair": med,
+            "diag_overhead_pairs_off_on_seconds": raw}
 
 
 def bench_eval(model: torch.nn.Module, tok: object, reqs: list[EditRequest]) -> dict:
