@@ -60,52 +60,53 @@ def spd_condition(a: torch.Tensor, chol: torch.Tensor | None = None, tol: float 
     return condition_of(*spd_extremes(a, chol, tol))
 
 
-def updated_spd_condition(a: torch.Tensor, chol: torch.Tensor, keys: torch.Tensor, tol: float = 1e-3) -> float:
-    """κ₂ of A + KKᵀ from A's Cholesky factor, never forming the sum (D4S's λC + Σ_{≤t}KKᵀ from its
-    λC + Σ_{<t}KKᵀ): products A x + K(Kᵀx), and (A + KKᵀ)⁻¹ through the Woodbury identity, so no new
-    O(d³) factorisation."""
+def _updated_condition(base_mul: Callable[[np.ndarray], np.ndarray], base_solve: Callable[[np.ndarray], np.ndarray],
+                       k: np.ndarray, dense: Callable[[], torch.Tensor], tol: float) -> float:
+    """κ₂ of B + KKᵀ from products with B and solves with B: Lanczos on B x + K(Kᵀx), and on
+    (B + KKᵀ)⁻¹ through the Woodbury identity; ``dense()`` (the matrix itself) if ARPACK does not converge."""
     from scipy.linalg import cho_factor, cho_solve
     from scipy.sparse.linalg import ArpackNoConvergence
 
-    d, n = keys.shape
-    if d < DENSE_BELOW:
-        return spd_condition(a.double() + keys.double() @ keys.double().T)
-    a64, l64, k = a.double().cpu().numpy(), chol.double().cpu().numpy(), keys.double().cpu().numpy()
-    b = cho_solve((l64, True), k, check_finite=False)  # A⁻¹K
-    small = cho_factor(np.eye(n) + k.T @ b)  # I + KᵀA⁻¹K
+    b = base_solve(k)  # B⁻¹K
+    small = cho_factor(np.eye(k.shape[1]) + k.T @ b)  # I + KᵀB⁻¹K
 
     def inv(x: np.ndarray) -> np.ndarray:
-        y = cho_solve((l64, True), x, check_finite=False)
+        y = base_solve(x)
         return y - b @ cho_solve(small, k.T @ y, check_finite=False)
 
     try:
-        return condition_of(*_lanczos_extremes(lambda x: a64 @ x + k @ (k.T @ x), inv, d, tol))
+        return condition_of(*_lanczos_extremes(lambda x: base_mul(x) + k @ (k.T @ x), inv, k.shape[0], tol))
     except ArpackNoConvergence:
-        return spd_condition(a.double() + keys.double() @ keys.double().T)
+        return spd_condition(dense())
+
+
+def updated_spd_condition(a: torch.Tensor, chol: torch.Tensor, keys: torch.Tensor, tol: float = 1e-3) -> float:
+    """κ₂ of A + KKᵀ from A's Cholesky factor, never forming the sum (D4S's λC + Σ_{≤t}KKᵀ from its
+    λC + Σ_{<t}KKᵀ): no new O(d³) factorisation, O(d²) products."""
+    from scipy.linalg import cho_solve
+
+    def dense() -> torch.Tensor:
+        return a.double() + keys.double() @ keys.double().T
+
+    if keys.shape[0] < DENSE_BELOW:
+        return spd_condition(dense())
+    a64, l64 = a.double().cpu().numpy(), chol.double().cpu().numpy()
+    return _updated_condition(lambda x: a64 @ x, lambda x: cho_solve((l64, True), x, check_finite=False),
+                              keys.double().cpu().numpy(), dense, tol)
 
 
 def diag_lowrank_condition(diag: torch.Tensor, low: torch.Tensor, tol: float = 1e-3) -> float:
     """κ₂ of diag(D) + U Uᵀ (D > 0, U [d, n]): the matrix MEMIT inverts, λC + KKᵀ, written in C's eigenbasis.
 
-    Lanczos with O(dn) products (A⁻¹ through the Woodbury identity) instead of O(d²) ones: milliseconds
-    where ``spd_condition`` on the dense matrix takes ~0.1 s at d = 1536. Falls back to the dense matrix
-    when D is not positive or n is not small against d.
+    Lanczos with O(dn) products instead of O(d²) ones: milliseconds where ``spd_condition`` on the
+    dense matrix takes ~0.1 s at d = 1536. Falls back to the dense matrix when D is not positive or n is
+    not small against d.
     """
+    def dense() -> torch.Tensor:
+        return torch.diag(diag.double()) + low.double() @ low.double().T
+
     d, n = low.shape
-    dg, u = diag.double().cpu().numpy(), low.double().cpu().numpy()
+    dg = diag.double().cpu().numpy()
     if d < DENSE_BELOW or 4 * n >= d or dg.min() <= 0:
-        return spd_condition(torch.diag(diag.double()) + low.double() @ low.double().T)
-    from scipy.linalg import cho_factor, cho_solve
-    from scipy.sparse.linalg import ArpackNoConvergence
-
-    u_scaled = u / dg[:, None]  # D⁻¹U
-    small = cho_factor(np.eye(n) + u.T @ u_scaled)  # I + UᵀD⁻¹U
-
-    def inv(x: np.ndarray) -> np.ndarray:
-        y = x / dg
-        return y - u_scaled @ cho_solve(small, u.T @ y, check_finite=False)
-
-    try:
-        return condition_of(*_lanczos_extremes(lambda x: dg * x + u @ (u.T @ x), inv, d, tol))
-    except ArpackNoConvergence:
-        return spd_condition(torch.diag(diag.double()) + low.double() @ low.double().T)
+        return spd_condition(dense())
+    return _updated_condition(lambda x: dg * x, lambda x: (x.T / dg).T, low.double().cpu().numpy(), dense, tol)

@@ -116,7 +116,7 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam
         return condition_of(lam_m * lo + mu, lam_m * hi + mu)
 
     return left, c_inv_k, {"denominator": float(ev[0]), "condition": float(ev[-1] / ev[0]),
-                                    "condition_c": c_condition, "pinv_fallback": pinv}
+                           "condition_c": c_condition, "pinv_fallback": pinv}
 
 
 class Memit(EditorBase):
