@@ -118,19 +118,31 @@ def bench_vstar(model: torch.nn.Module, tok: object, req: EditRequest, templates
             "vstar_prompts": int(batch.ids.shape[0]), "vstar_padded_tokens": int(batch.ids.numel())}
 
 
-def edit_times(model: torch.nn.Module, tok: object, editor: str, records: list[dict], templates: dict,
-               diagnostics: bool = True) -> list[float]:
-    """Seconds of each sequential edit of ``records`` (from the unedited model, restored afterwards)."""
+def session(model: torch.nn.Module, tok: object, editor: str, templates: dict, diagnostics: bool = True
+            ) -> EditSession:
+    """An unsaved session of ``editor``; context templates shared through ``templates`` (made once per kind)."""
     ed = get_editor(editor)
     s = EditSession(model, tok, ed, out=None, progress=False, diagnostics=diagnostics,
                     templates=templates.get(ed.context_lengths))
     templates[ed.context_lengths] = s.env.templates
-    rows = s.run(records, progress=False)
-    s.restore()
+    return s
+
+
+def seconds_of(editor: str, rows: list[dict]) -> list[float]:
+    """Each row's seconds; raises if an edit failed."""
     bad = [r["status"] for r in rows if r["status"] != "ok"]
     if bad:
         raise RuntimeError(f"{editor}: {bad}")
     return [r["seconds"] for r in rows]
+
+
+def edit_times(model: torch.nn.Module, tok: object, editor: str, records: list[dict], templates: dict,
+               diagnostics: bool = True) -> list[float]:
+    """Seconds of each sequential edit of ``records`` (from the unedited model, restored afterwards)."""
+    s = session(model, tok, editor, templates, diagnostics)
+    rows = s.run(records, progress=False)
+    s.restore()
+    return seconds_of(editor, rows)
 
 
 class DiagTimer:
@@ -182,20 +194,15 @@ def bench_diagnostics(model: torch.nn.Module, tok: object, records: list[dict], 
     pairs' ratios, and every pair's seconds."""
     out, err, med, raw = {}, {}, {}, {}
     for editor in ("rome", "memit"):
-        ed = get_editor(editor)
-        s = EditSession(model, tok, ed, out=None, progress=False, templates=templates.get(ed.context_lengths))
-        templates[ed.context_lengths] = s.env.templates
+        s = session(model, tok, editor, templates)
         pairs = []
         for r in range(rounds):
             for i, record in enumerate(records):
                 t = {}
                 for diag in ((False, True) if (r + i) % 2 == 0 else (True, False)):
                     s.diagnostics = diag
-                    row = s.edit(record)
+                    t[diag], = seconds_of(editor, [s.edit(record)])
                     s.restore()
-                    if row["status"] != "ok":
-                        raise RuntimeError(f"{editor}: {row['status']}")
-                    t[diag] = row["seconds"]
                 pairs.append((t[False], t[True]))
         ratios = torch.tensor([on / off for off, on in pairs], dtype=torch.float64)
         out[editor] = sum(on for _, on in pairs) / sum(off for off, _ in pairs) - 1
