@@ -24,7 +24,7 @@ def summarise(path: pathlib.Path) -> dict:
             "efficacy": float(e["efficacy"].astype(float).mean()),
             "denominator_min": float(den.min()), "denominator_median": float(den.median()),
             "denominator_max": float(den.max()), "delta_fro_max": float(run.layers["delta_fro"].max()),
-            "weight_l1_growth": float(run.layers["weight_l1"].iloc[-1] / w0),
+            "weight_l1_growth_pct": float(100 * (run.layers["weight_l1"].iloc[-1] / w0 - 1)),
             "seconds_per_edit_mean": float(e["seconds"].mean()),
             "seconds_per_edit_median": float(e["seconds"].median())}
 

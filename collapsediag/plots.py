@@ -251,6 +251,10 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
     return ax
 
 
+# No creation date or version: an unchanged figure is written as the same bytes.
+FIXED_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
+
+
 def write_figures(runs: list[Run], out: str | os.PathLike) -> list[pathlib.Path]:
     """Every figure the runs have data for, as PNG and PDF under ``out``; returns the files written."""
     from .analysis import flag_disabling_edits
@@ -276,7 +280,7 @@ def write_figures(runs: list[Run], out: str | os.PathLike) -> list[pathlib.Path]
             draw(ax)
             for ext in ("png", "pdf"):
                 path = out / f"{name}.{ext}"
-                fig.savefig(path)
+                fig.savefig(path, metadata=FIXED_METADATA[ext])
                 written.append(path)
             plt.close(fig)
     return written

@@ -8,7 +8,7 @@ from .store import Run
 
 
 def summary(run: Run) -> pd.DataFrame:
-    """One row per edited layer: edits, efficacy, denominators, norm growth, time per edit."""
+    """One row per edited layer: edits, efficacy, denominators, weight_l1 growth in percent, time per edit."""
     e, ly = run.edits, run.layers
     ok = e[e["status"] == "ok"]
     init = run.config.get("initial_weights", {})
@@ -29,7 +29,7 @@ def summary(run: Run) -> pd.DataFrame:
             "denominator_median": float(den.median()) if len(den) else np.nan,
             "denominator_max": float(den.max()) if len(den) else np.nan,
             "delta_fro_max": float(lrows["delta_fro"].max()) if len(lrows) else np.nan,
-            "weight_l1_growth": w_last / w0 if w0 and np.isfinite(w0) else np.nan,
+            "weight_l1_growth_pct": 100 * (w_last / w0 - 1) if w0 and np.isfinite(w0) else np.nan,
             "seconds_per_edit": float(e["seconds"].mean()) if len(e) else np.nan,
         })
     return pd.DataFrame(rows)
@@ -41,15 +41,34 @@ def failed_edits(run: Run) -> pd.DataFrame:
     return e.loc[e["status"] != "ok", ["edit_index", "case_id", "status"]].reset_index(drop=True)
 
 
-def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
-    """``df`` as a GitHub markdown table (floats formatted with ``floatfmt``)."""
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return "" if np.isnan(v) else floatfmt.format(v)
-        return str(v).replace("|", "\\|")
+NOISE = 1e-10  # |value| below this prints as 0 (e.g. a fitted slope of 1e-17 on flat data)
 
+
+def readable_cell(value: object, column: str = "", floatfmt: str = "{:.4g}") -> str:
+    """One value as a reader wants it: yes/no for booleans, 0 for float noise, percent for ``*_pct``."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        v = 0.0 if abs(value) < NOISE else float(value)
+        if column.endswith("_pct"):
+            return f"{v:+.2f} %" if v else "0 %"
+        return "0" if v == 0 else floatfmt.format(v)
+    return str(value)
+
+
+def readable(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> pd.DataFrame:
+    """``df`` with every cell as ``readable_cell`` text."""
+    return pd.DataFrame({c: [readable_cell(v, str(c), floatfmt) for v in df[c].tolist()] for c in df.columns},
+                        index=df.index)
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
+    """``df`` as a GitHub markdown table (readable cells: yes/no, 0 for float noise, percent columns)."""
+    cells = readable(df, floatfmt)
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -75,7 +94,6 @@ def format_report(runs: list[Run], fmt: str = "text") -> str:
         if fmt == "markdown":
             parts += [f"## {title}", "", markdown_table(df) if len(df) else "(none)", ""]
         else:
-            with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format",
-                                   "{:.4g}".format):
-                parts += [title, df.to_string(index=False) if len(df) else "(none)", ""]
+            with pd.option_context("display.width", 200, "display.max_columns", 30):
+                parts += [title, readable(df).to_string(index=False) if len(df) else "(none)", ""]
     return "\n".join(parts).rstrip() + "\n"

@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .arch import ArchSpec
 from .errors import CollapseDiagError
@@ -163,7 +163,7 @@ def compute_second_moments(model: nn.Module, tok: object, arch: ArchSpec, layers
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    bar = tqdm(total=sum(len(c) for c in chunks), unit="tok", desc="key statistics", disable=not progress)
+    bar = progress_bar(total=sum(len(c) for c in chunks), unit="tok", desc="key statistics", disable=not progress)
     with torch.no_grad():
         for i in range(0, len(chunks), batch_size):
             group = chunks[i:i + batch_size]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .analysis import flag_disabling_edits
 from .editors import get_editor
@@ -64,7 +64,7 @@ def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out:
     templates: dict[tuple, list[str]] = {}
     runs = {}
     plan = study_plan(size)
-    bar = tqdm(plan, desc="study", unit="run", disable=not progress)
+    bar = progress_bar(plan, desc="study", unit="run", disable=not progress)
     for name, editor_name, b in bar:
         bar.set_postfix(run=name)
         editor = get_editor(editor_name, (hparams or {}).get(editor_name, {}))

@@ -93,3 +93,23 @@ def test_figures_and_report_commands(two_runs, tmp_path, capsys):
     assert "| run | editor | layer | edits |" in text and "| rome | rome | 1 | 4 |" in text
     assert main(["report", *dirs]) == 0
     assert "Summary" in capsys.readouterr().out
+
+
+def test_figures_are_byte_identical_when_redrawn(two_runs, tmp_path):
+    a = plots.write_figures(two_runs, tmp_path / "a")
+    b = plots.write_figures(two_runs, tmp_path / "b")
+    assert [p.name for p in a] == [p.name for p in b]
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), pa.name
+
+
+def test_figures_command_prints_only_its_files(two_runs, tmp_path):
+    import subprocess
+    import sys
+
+    dirs = [str(r.path) for r in two_runs]
+    done = subprocess.run([sys.executable, "-m", "collapsediag", "figures", *dirs, "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) == len(list((tmp_path / "f").iterdir())), lines[:20]

@@ -145,7 +145,7 @@ def test_summary_and_report(tiny, env_for, tmp_path):
     den = run.layers["denominator"]
     assert table.loc[0, "denominator_min"] == den.min() and table.loc[0, "denominator_max"] == den.max()
     expected_growth = run.layers["weight_l1"].iloc[-1] / run.config["initial_weights"]["1"]["weight_l1"]
-    assert table.loc[0, "weight_l1_growth"] == pytest.approx(expected_growth)
+    assert table.loc[0, "weight_l1_growth_pct"] == pytest.approx(100 * (expected_growth - 1))
     text = format_report([run])
     assert "bad2" in text and "denominator_min" in text
 

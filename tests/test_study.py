@@ -50,14 +50,14 @@ def test_demo_command_writes_runs_figures_and_findings(tok, tmp_path, capsys):
     hp = {"rome": {"layer": 1, "v_num_grad_steps": 2}, "r-rome": {"layer": 1, "v_num_grad_steps": 2},
           "memit": batched, "d4s": batched}
     code = main(["demo", "--model", str(tmp_path / "model"), "--hparams", json.dumps(hp), "--n-edits", "4",
-                 "--stats-tokens", "3000", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"),
-                 "--cache-dir", str(tmp_path / "cache")])
+                 "--stats-tokens", "3000", "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     out = capsys.readouterr().out
     assert "Findings (small study, 4 edits per run" in out and "(iii)" in out
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == [
-        "d4s", "memit", "memit-batch4", "r-rome", "rome"]
-    assert (tmp_path / "fig" / "norm_growth.png").exists() and (tmp_path / "fig" / "batch_neighborhood.pdf").exists()
+        "d4s", "figures", "memit", "memit-batch4", "r-rome", "rome"]
+    fig = tmp_path / "runs" / "figures"  # under --out by default: the clone's figures/ is left alone
+    assert (fig / "norm_growth.png").exists() and (fig / "batch_neighborhood.pdf").exists()
     findings = pd.read_csv(tmp_path / "runs" / "findings.csv")
     assert len(findings) == 4
     assert main(["demo", "--hparams", "[1, 2]", "--out", str(tmp_path / "x")]) == 2

@@ -148,6 +148,8 @@ def own_facts(n: int | None = None) -> list[dict[str, Any]]:
 
 def load_data(spec: str, n: int | None = None) -> list[dict[str, Any]]:
     """Records from ``counterfact:PATH``, ``zsre:PATH``, ``facts:PATH`` (.jsonl or .csv) or ``own``."""
+    if n is not None and n < 1:
+        raise CollapseDiagError(f"the number of records must be at least 1, got {n} (None means all)")
     kind, _, path = spec.partition(":")
     if kind == "own" and not path:
         return own_facts(n)

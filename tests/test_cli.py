@@ -1,0 +1,143 @@
+"""The command line's first hour: quiet output, strict early input checks, fast model errors, help."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+
+from collapsediag import models
+from collapsediag.cli import build_parser, main, setup_logging
+from collapsediag.errors import ModelNotFoundError
+from collapsediag.progress import progress_bar, set_progress
+from collapsediag.report import readable, readable_cell
+from tests.conftest import make_model
+
+GOOD = {"case_id": "g1", "subject": "Paris", "prompt": "{} is located in", "target_new": "Italy",
+        "target_true": "France"}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model's weights start loading."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input check")
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture
+def saved_model(tok, tmp_path):
+    path = tmp_path / "model"
+    make_model("gpt2", len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _run(tmp_path, data, *extra, model=None):
+    argv = ["run", "--editor", "rome", "--data", data, "--out", str(tmp_path / "out"), *extra]
+    return main(argv + (["--model", model] if model else []))
+
+
+def test_empty_data_set_fails_before_the_model_loads(tmp_path, capsys, no_model_load):
+    (tmp_path / "empty.json").write_text("[]")
+    assert _run(tmp_path, f"counterfact:{tmp_path / 'empty.json'}") == 2
+    assert "holds no records" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_valid_record_fails_and_names_them(tmp_path, capsys, no_model_load):
+    bad = [dict(GOOD, case_id="a", prompt="no placeholder"), dict(GOOD, case_id="b", target_new="")]
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in bad))
+    assert _run(tmp_path, f"facts:{tmp_path / 'bad.jsonl'}") == 2
+    err = capsys.readouterr().err
+    assert "holds no valid record" in err
+    assert err.count("record 'a'") == 2 and err.count("record 'b'") == 1  # each warned once (a also in the error)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--n-edits", "0", "at least 1"), ("--n-edits", "-1", "at least 1"), ("--batch-size", "0", "at least 1"),
+    ("--eval-every", "-1", "0 or more"), ("--n-edits", "x", "expected an integer")])
+def test_bad_numbers_exit_2_naming_the_option(tmp_path, capsys, option, value, message, no_model_load):
+    with pytest.raises(SystemExit) as exc:
+        _run(tmp_path, "own", option, value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and message in err
+
+
+def test_layers_outside_the_model_fail_before_the_weights_load(tmp_path, capsys, saved_model, no_model_load):
+    assert _run(tmp_path, "own", "--layers", "7", model=saved_model) == 2
+    err = capsys.readouterr().err
+    assert "layer 7 is outside model" in err and "3 layers (0 to 2)" in err
+    assert main(["run", "--editor", "memit", "--layers", "1", "3", "--data", "own", "--model", saved_model,
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "layer 3 is outside" in capsys.readouterr().err
+
+
+def test_unknown_model_offline_fails_fast_with_the_builtin_names(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as exc:
+        models.load_model("smollm2-136m")
+    assert time.perf_counter() - t0 < 10
+    text = str(exc.value)
+    assert "Did you mean 'smollm2-135m'?" in text and "local path" in text
+    with pytest.raises(ModelNotFoundError, match="Built-in: smollm2-135m"):
+        models.load_config("someone/unknown-model")
+    with pytest.raises(ModelNotFoundError, match="not a folder"):
+        models.load_model("./no/such/folder")
+
+
+def test_unknown_model_on_the_command_line_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _run(tmp_path, "own", "--n-edits", "1", model="smollm2-136m") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "smollm2-135m" in err
+
+
+def test_every_option_has_help_with_its_default():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+            text = sub.formatter_class("x")._get_help_string(action)
+            if action.default not in (None, False, argparse.SUPPRESS, []):
+                assert "default" in text, f"{name} {action.option_strings}: no default in {text!r}"
+    top = parser.format_help()
+    assert "examples:" in top and "``" not in top
+    run_help = subs["run"].format_help()
+    for editor in ("rome (one layer", "r-rome (one layer", "memit (one or more layers", "alphaedit"):
+        assert editor in " ".join(run_help.split())
+    assert "zsre:PATH" in run_help and "default: all records" in run_help
+
+
+def test_logging_is_quiet_and_q_hides_progress(capsys):
+    import logging
+
+    setup_logging(0, quiet=True)
+    logging.getLogger("fontTools.subset").info("maxp pruned")
+    logging.getLogger("collapsediag").info("own message")
+    assert progress_bar(range(3)).disable
+    err = capsys.readouterr().err
+    assert "maxp pruned" not in err and "own message" in err
+    setup_logging(1, quiet=False)
+    logging.getLogger("collapsediag").debug("debug message")
+    assert not progress_bar(range(3), disable=False).disable
+    assert "debug message" in capsys.readouterr().err
+    set_progress(True)
+    setup_logging(0)
+
+
+def test_readable_cells():
+    assert readable_cell(1.458e-17) == "0" and readable_cell(-3e-12) == "0"
+    assert readable_cell(True) == "yes" and readable_cell(False) == "no"
+    assert readable_cell(12.9, "weight_l1_growth_pct") == "+12.90 %"
+    assert readable_cell(0.5) == "0.5" and readable_cell(float("nan")) == ""
+    import pandas as pd
+
+    df = readable(pd.DataFrame({"catastrophic": [True, False], "slope": [1e-17, -0.25]}))
+    assert df["catastrophic"].tolist() == ["yes", "no"] and df["slope"].tolist() == ["0", "-0.25"]
