@@ -13,10 +13,25 @@ class Column:
     unit: str
     description: str
     editors: str = "all"  # which editors fill it: all | rome family | batched | emmet | d4s | alphaedit
+    nullable: bool = True  # may be null on disk: missing (e.g. a failed edit, another editor) or not finite
+
+
+# Columns that every row of its table holds, with a finite value; every other column may be null.
+REQUIRED = {
+    "edits": {"edit_index", "case_id", "batch_index", "batch_size", "seconds", "status"},
+    "layers": {"edit_index", "batch_index", "layer", "module", "weight_l1", "weight_fro", "delta_l1", "delta_fro",
+               "drift_fro", "drift_l1"},
+    "evals": {"edit_index", "n_edits", "n_retention", "seconds"},
+    "retention": {"checkpoint", "edit_index", "case_id", "p_new", "p_true", "success"},
+}
 
 
 def _c(name: str, dtype: str, unit: str, description: str, editors: str = "all") -> Column:
     return Column(name, dtype, unit, description, editors)
+
+
+def _table(name: str, cols: list[Column]) -> list[Column]:
+    return [Column(c.name, c.dtype, c.unit, c.description, c.editors, c.name not in REQUIRED[name]) for c in cols]
 
 
 EDITS = [
@@ -37,9 +52,9 @@ EDITS = [
     _c("p_true_after", "float", "probability", "p of ` target_true` after the edit"),
     _c("efficacy", "bool", "-", "p_new_after > p_true_after"),
     _c("paraphrase_score", "float", "fraction",
-       "share of paraphrase prompts with p_new > p_true after the edit (NaN if none)"),
+       "share of paraphrase prompts with p_new > p_true after the edit (null if none)"),
     _c("neighborhood_score", "float", "fraction",
-       "share of neighborhood prompts with p_true > p_new after the edit (NaN if none)"),
+       "share of neighborhood prompts with p_true > p_new after the edit (null if none)"),
     _c("seconds", "float", "s",
        "wall time of computing, applying and scoring the edit (its batch's time shared evenly by its edits)"),
     _c("status", "str", "-", "`ok`, or the error that stopped this edit (weights untouched)"),
@@ -88,6 +103,8 @@ LAYERS = [
 EVALS = [
     _c("edit_index", "int", "-", "last edit applied before this checkpoint (−1: the unedited baseline)"),
     _c("n_edits", "int", "count", "edits applied so far"),
+    _c("n_retention", "int", "count",
+       "rows this checkpoint wrote to `retention` (resume checks them; absent in runs written before it existed)"),
     _c("retention", "float", "fraction", "share of earlier successful edits still successful"),
     _c("efficacy", "float", "fraction", "efficacy over earlier edits"),
     _c("paraphrase_score", "float", "fraction", "paraphrase score over earlier edits"),
@@ -106,7 +123,14 @@ RETENTION = [
     _c("success", "bool", "-", "p_new > p_true at the checkpoint"),
 ]
 
+EDITS, LAYERS, EVALS, RETENTION = (_table(n, t) for n, t in
+                                   (("edits", EDITS), ("layers", LAYERS), ("evals", EVALS), ("retention", RETENTION)))
 TABLES: dict[str, list[Column]] = {"edits": EDITS, "layers": LAYERS, "evals": EVALS, "retention": RETENTION}
+
+
+def nullable(table: str) -> list[str]:
+    """Columns of ``table`` that may be ``null`` on disk (read back as NaN, or None in bool/str columns)."""
+    return [c.name for c in TABLES[table] if c.nullable]
 
 
 def columns(table: str) -> list[str]:
@@ -122,6 +146,10 @@ def as_dict() -> dict:
 def markdown() -> str:
     """The schema document (docs/SCHEMA.md)."""
     out = ["# Saved-run schema", "",
+           "Missing and not-finite values (NaN, ±infinity) are written as JSON `null` in every table and in",
+           "`config.json` (strict JSON: never a bare `NaN` or `Infinity`); `load_run` reads `null` back as NaN in",
+           "numeric columns (and still reads runs written before, which hold `NaN`). The column *null* below says",
+           "which columns may hold it.", "",
            "A run is a directory: `config.json`, one JSON Lines file per table below (`<table>.jsonl`,",
            "`pandas.read_json(path, lines=True, precise_float=True)` reads it), `schema.json` (this document as data) and",
            "`factors/batch_NNNNNN.npz` (the update factors of each batch, i.e. of each edit in sequential mode:",
@@ -131,8 +159,10 @@ def markdown() -> str:
            "Rows are appended as the run goes; a `layers` row counts only once its `edits` row exists.",
            "Generated from `collapsediag/schema.py` (`python -m collapsediag.schema`).", ""]
     for table, cols in TABLES.items():
-        out += [f"## `{table}`", "", "| column | type | unit | editors | meaning |", "|---|---|---|---|---|"]
-        out += [f"| `{c.name}` | {c.dtype} | {c.unit} | {c.editors} | {c.description} |" for c in cols]
+        out += [f"## `{table}`", "", "| column | type | null | unit | editors | meaning |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| `{c.name}` | {c.dtype} | {'yes' if c.nullable else 'no'} | {c.unit} | {c.editors} | "
+                f"{c.description} |" for c in cols]
         out.append("")
     return "\n".join(out)
 

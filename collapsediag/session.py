@@ -142,6 +142,7 @@ class EditSession:
             "stats": {str(k): v.identity for k, v in self.env.stats.items()},
             "eval_every": self.eval_every, "generation_prompts": self.generation_prompts,
             "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
+            "diagnostics": self.diagnostics,
             "padding_side": getattr(self.tok, "padding_side", None), "versions": _versions(),
             "initial_weights": {str(k): {"weight_l1": float(w.abs().mean()), "weight_fro": float(w.norm())}
                                 for k, w in self.w0.items()},
@@ -297,7 +298,7 @@ class EditSession:
                                        "p_new": float(p_new[k]), "p_true": float(p_true[k]), "success": success})
                 if self.edits[i].get("efficacy"):
                     still_ok.append(success)
-        row = {"edit_index": index, "n_edits": self.n_edits,
+        row = {"edit_index": index, "n_edits": self.n_edits, "n_retention": len(retention_rows),
                "retention": float(np.mean(still_ok)) if still_ok else float("nan"),
                "efficacy": _mean(per_kind["rewrite"]), "paraphrase_score": _mean(per_kind["paraphrase"]),
                "neighborhood_score": _mean(per_kind["neighborhood"]),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import warnings
@@ -33,11 +34,32 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
+    """``v`` as plain JSON data: numpy/torch values unwrapped, NaN and ±inf (nested too) as None."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    elif isinstance(v, np.generic):
+        v = v.item()
+    elif isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
     return v
+
+
+def _missing(v: Any) -> bool:
+    """None, NaN or ±inf (a scalar that is written as null)."""
+    return v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and not math.isfinite(v))
+
+
+def dumps(v: Any, **kw: Any) -> str:
+    """Strict JSON text of ``v``: not-finite numbers become ``null`` (never bare ``NaN``/``Infinity``)."""
+    return json.dumps(_jsonable(v), allow_nan=False, **kw)
 
 
 class RunWriter:
@@ -55,25 +77,28 @@ class RunWriter:
             raise CollapseDiagError(f"{p} already holds a run: choose another --out or use --resume")
         w = cls(p)
         w.write_config(config)
-        _atomic_write(p / "schema.json", json.dumps(schema.as_dict(), indent=1))
+        _atomic_write(p / "schema.json", dumps(schema.as_dict(), indent=1))
         return w
 
     def write_config(self, config: dict[str, Any]) -> None:
         """(Re)write config.json atomically."""
-        _atomic_write(self.path / "config.json", json.dumps(config, indent=2, default=str))
+        _atomic_write(self.path / "config.json", dumps(config, indent=2, default=str))
 
     def append(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Append rows to ``<table>.jsonl``."""
         if table not in schema.TABLES:
             raise CollapseDiagError(f"unknown table {table!r}")
         if rows:
-            lines = [json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows]
+            lines = [dumps(r) + "\n" for r in rows]
             _fsync_append(self.path / f"{table}.jsonl", lines)
 
     def rewrite(self, table: str, df: pd.DataFrame) -> None:
         """Replace ``<table>.jsonl`` by the rows of ``df`` (atomic; used when resuming)."""
-        rows = [{k: _jsonable(v) for k, v in r.items()} for r in df.to_dict("records")]
-        _atomic_write(self.path / f"{table}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        ints = {c.name for c in schema.TABLES[table] if c.dtype == "int"}
+        rows = [{k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v
+                 for k, v in r.items() if not _missing(v)}
+                for r in df.to_dict("records")]  # missing values left out, as in appended rows
+        _atomic_write(self.path / f"{table}.jsonl", "".join(dumps(r) + "\n" for r in rows))
 
     def save_factors(self, batch_index: int, factors: dict[str, np.ndarray]) -> None:
         """Store the update factors (and editor state arrays) of one batch (atomic)."""
@@ -102,7 +127,32 @@ def read_table(path: str | os.PathLike, table: str) -> pd.DataFrame:
         if c not in df.columns:
             df[c] = np.nan
     extra = [c for c in df.columns if c not in cols]
-    return df[cols + extra]
+    return _coerce(df[cols + extra], table)
+
+
+def _coerce(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    """Numeric columns as numbers with NaN for ``null`` (JSON null reads as None, which makes object columns).
+
+    Float columns become float; int columns stay int unless values are missing (then float); bool and str
+    columns keep their values, with NaN for null as for a left-out key. A column outside the schema whose
+    values are all numbers becomes float.
+    """
+    dtypes = {c.name: c.dtype for c in schema.TABLES[table]}
+    for c in df.columns:
+        kind = dtypes.get(c)
+        if df[c].dtype != object:
+            continue
+        if kind in ("bool", "str"):
+            df[c] = df[c].map(lambda v: np.nan if v is None else v)  # null reads like a left-out key
+            continue
+        values = df[c].dropna()
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if kind in ("int", "float") or (numeric and len(values)):
+            try:
+                df[c] = pd.to_numeric(df[c]).astype(float) if kind != "int" else pd.to_numeric(df[c])
+            except (ValueError, TypeError):
+                pass  # a value that is not a number: leave the column as read
+    return df
 
 
 def complete_batches(edits: pd.DataFrame, path: object = "") -> pd.DataFrame:
@@ -141,6 +191,11 @@ class Run:
         metric, layer = key
         rows = self.layers[self.layers["layer"] == layer]
         return rows.set_index("edit_index")[metric]
+
+    def has_factors(self, batch_index: int) -> bool:
+        """Whether the factors file of one batch is on disk."""
+        f = self.path / "factors"
+        return (f / f"batch_{batch_index:06d}.npz").exists() or (f / f"edit_{batch_index:06d}.npz").exists()
 
     def factors(self, batch_index: int) -> dict[str, np.ndarray]:
         """The stored arrays of one batch (of one edit in a sequential run): ``left_<layer>``,

@@ -153,3 +153,61 @@ def test_sigkill_then_resume_equals_uninterrupted(tok, tmp_path):
     wb = cut.model_at(len(FACTS) - 1, model=make_model("llama", len(tok))).state_dict()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-6, atol=0), k
+
+
+def _strict(text: str) -> object:
+    def refuse(name):
+        raise ValueError(f"bare {name} in a run file")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _assert_strict_json(path) -> None:
+    _strict((path / "config.json").read_text())
+    for table in path.glob("*.jsonl"):
+        for line in table.read_text().splitlines():
+            _strict(line)
+
+
+def test_not_finite_values_are_written_as_null(tok, env_for, tmp_path):
+    from collapsediag.store import RunWriter
+
+    w = RunWriter.create(tmp_path / "w", {"editor": "rome", "nested": {"a": [1.0, float("nan")], "b": np.inf}})
+    w.append("evals", [{"edit_index": -1, "n_edits": 0, "retention": float("nan"), "perplexity": np.float32("inf"),
+                        "efficacy": torch.tensor(float("-inf")), "seconds": 0.5}])
+    w.append("layers", [{"edit_index": 0, "layer": 1, "condition": float("inf"), "weight_l1": 0.25}])
+    w.append("edits", [{"edit_index": 0, "batch_index": 0, "batch_size": 1, "status": "ok",
+                        "paraphrase_score": np.float64("nan"), "efficacy": True}])
+    _assert_strict_json(tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["nested"] == {"a": [1.0, None], "b": None}
+    run = load_run(tmp_path / "w")
+    for table, col in (("evals", "retention"), ("evals", "perplexity"), ("evals", "efficacy"),
+                       ("layers", "condition"), ("edits", "paraphrase_score")):
+        df = getattr(run, table)
+        assert df[col].dtype == np.float64 and np.isnan(df[col].iloc[0]), (table, col)
+    assert run.layers["weight_l1"].iloc[0] == 0.25 and run.evals["n_edits"].iloc[0] == 0
+
+    # a real run: the baseline checkpoint has no earlier edits (retention NaN), no held-out texts (perplexity NaN)
+    model = make_model("llama", len(tok))
+    env = env_for(model, [1], tmp_path)
+    s = EditSession(model, tok, get_editor("r-rome", HP), out=tmp_path / "run", stats=env.stats,
+                    templates=env.templates, progress=False, eval_every=1, eval_texts=[],
+                    generation_prompts=["The city"], generation_tokens=4)
+    s.run(FACTS[:2], progress=False)
+    _assert_strict_json(tmp_path / "run")
+    evals = load_run(tmp_path / "run").evals
+    assert evals["perplexity"].dtype == np.float64 and evals["perplexity"].isna().all()
+    assert np.isnan(evals["retention"].iloc[0]) and evals["n_retention"].tolist() == [0, 1, 2]
+
+
+def test_old_runs_with_bare_nan_still_load(tmp_path):
+    from collapsediag.store import RunWriter
+
+    RunWriter.create(tmp_path, {"editor": "rome", "initial_weights": {"1": {"weight_l1": float("nan")}}})
+    (tmp_path / "config.json").write_text('{"editor": "rome", "x": NaN}')
+    (tmp_path / "evals.jsonl").write_text('{"edit_index": -1, "n_edits": 0, "retention": NaN, "perplexity": 3.5}\n'
+                                          '{"edit_index": 0, "n_edits": 1, "retention": 1.0, "perplexity": Infinity}\n')
+    run = load_run(tmp_path)
+    assert np.isnan(run.config["x"])
+    assert run.evals["retention"].dtype == np.float64 and np.isnan(run.evals["retention"].iloc[0])
+    assert run.evals["perplexity"].tolist() == [3.5, np.inf] and run.evals["n_retention"].isna().all()
