@@ -127,8 +127,9 @@ def load_config(name_or_path: str = EMBEDDED) -> object:
             return AutoConfig.from_pretrained(cached)
         folder, name = embedded_model_path()
         return AutoConfig.from_pretrained(folder, gguf_file=name)
+    kwargs = _hub_kwargs(name_or_path)
     try:
-        return AutoConfig.from_pretrained(name_or_path, **_hub_kwargs(name_or_path))
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot load the config of model {name_or_path!r}: {exc}") from exc
 
