@@ -129,7 +129,7 @@ TABLES: dict[str, list[Column]] = {"edits": EDITS, "layers": LAYERS, "evals": EV
 
 
 def nullable(table: str) -> list[str]:
-    """Columns of ``table`` that may be ``null`` on disk (read back as NaN, or None in bool/str columns)."""
+    """Columns of ``table`` that may be ``null`` on disk (``read_table`` gives NaN for them)."""
     return [c.name for c in TABLES[table] if c.nullable]
 
 
