@@ -1,11 +1,20 @@
 """Forward passes that compute logits only at the positions a loss or score reads."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 # Families whose base model applies the final norm itself, so lm_head(hidden) == logits.
 PLAIN_HEAD = {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"}
+
+
+def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
+    """Forward arguments that pass a key/value ``cache``: ``cache=`` where the model's forward takes it
+    (current transformers), else the older ``past_key_values=``; with ``use_cache=True``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
 
 
 def _hidden_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
@@ -21,7 +30,7 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
     Runs the base model and applies the unembedding only at the requested positions;
     falls back to full logits for families with extra logit processing. ``forward_kwargs`` (e.g.
-    ``position_ids``, ``past_key_values``) go to the forward call.
+    ``position_ids``, ``cache_kwargs``) go to the forward call.
     """
     if model.config.model_type in PLAIN_HEAD:
         return model.get_output_embeddings()(_hidden_at(model, input_ids, attention_mask, rows, cols, **forward_kwargs))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
-from ..forward import PLAIN_HEAD, logits_at
+from ..forward import PLAIN_HEAD, cache_kwargs, logits_at
 from ..hooks import SkipBlocks, Trace
 
 if TYPE_CHECKING:
@@ -98,8 +98,8 @@ class SuffixForward:
         cache = DynamicCache()
         with torch.no_grad(), Trace(model, module, retain_output=True) as tr, \
                 Trace(model, arch.block_name(layer), retain_output=True) as out:
-            hidden = model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                                      use_cache=True).last_hidden_state
+            hidden = model.base_model(input_ids=ids, attention_mask=mask,
+                                      **cache_kwargs(model.base_model, cache)).last_hidden_state
         self.init = tr.output[0, subj[0]].detach().clone()
         self.like = out.raw_output
         self.block_out = out.output.gather(1, pos[:, :, None].expand(-1, -1, out.output.shape[-1])).clone()
@@ -121,7 +121,7 @@ class SuffixForward:
         with SkipBlocks(self.model, self.arch.blocks_name(), self.layer, self.like, block_out), \
                 grouped_kv_attention():
             return logits_at(self.model, self.new_ids, self.new_mask, self.rows, self.cols,
-                             position_ids=self.positions, past_key_values=cache, use_cache=True)
+                             position_ids=self.positions, **cache_kwargs(self.model.base_model, cache))
 
     def check(self) -> bool:
         """True when the suffix logits at δ = 0 match the full forward's."""
