@@ -157,6 +157,9 @@ def markdown() -> str:
            "orientation; D4S and AlphaEdit add `state_keys_<layer>` (and D4S `state_resid_<layer>`), the K and R",
            "that rebuild their running sums on resume).",
            "Rows are appended as the run goes; a `layers` row counts only once its `edits` row exists.",
+           "Resuming a cut run keeps its whole batches up to the first checkpoint that is missing or incomplete",
+           "(`evals.n_retention` counts its `retention` rows), redoes that checkpoint and edits the rest again, so",
+           "no (checkpoint, edit_index) pair ever appears twice.",
            "Generated from `collapsediag/schema.py` (`python -m collapsediag.schema`).", ""]
     for table, cols in TABLES.items():
         out += [f"## `{table}`", "", "| column | type | null | unit | editors | meaning |",

@@ -323,59 +323,14 @@ class EditSession:
 
         ``model`` must be the unedited base model; ``records`` the run's records in order (those already
         done are re-parsed, not re-edited). Context templates, seed, hyper-parameters, evaluation settings
-        and the statistics identity come from the run. An edit or checkpoint in flight is dropped from the
-        tables and redone.
+        and the statistics identity come from the run. The run goes back to its last consistent state
+        (``collapsediag.resume``): a batch cut short, or a checkpoint missing or partly written, is dropped
+        with every edit after it; that checkpoint is redone here and the caller edits the rest again, so no
+        row is ever duplicated.
         """
-        from .editors import get_editor
-        from .rebuild import apply_run
-        from .store import load_run
+        from .resume import resume_session
 
-        run = load_run(path)
-        cfg = run.config
-        if model_fingerprint(model) != cfg["model_fingerprint"]:
-            raise CollapseDiagError("resume needs the run's unedited base model (fingerprint differs)")
-        editor = get_editor(cfg["editor"], cfg["hparams"])
-        arch = ArchSpec(**cfg["arch"])
-        stats = _stats_from_config(model, tok, arch, cfg, cache, corpus, progress)
-        session = cls(model, tok, editor, out=path, arch=arch, stats=stats, templates=cfg["context_templates"],
-                      seed=cfg["seed"], eval_every=cfg.get("eval_every", 0),
-                      generation_prompts=cfg.get("generation_prompts", GENERATION_PROMPTS),
-                      generation_tokens=cfg.get("generation_tokens", 64), progress=progress, _resume=True,
-                      eval_texts=heldout_texts(cfg.get("eval_text")) if cfg.get("eval_every") else [])
-        session.config = cfg
-        done = sorted(int(i) for i in run.edits["edit_index"])
-        if done != list(range(len(done))):
-            raise CollapseDiagError(f"{path}: edits table is not a prefix of the run ({done[:5]}...)")
-        last = len(done) - 1
-        if last >= 0:
-            apply_run(model, run, last, check_fingerprint=False)
-        batches = run.edits.groupby("batch_index")["status"].apply(lambda s: bool((s == "ok").any()))
-        for b, ok in batches.sort_index().items():
-            if ok:
-                arrays = run.factors(int(b))
-                editor.replay({k[6:]: v for k, v in arrays.items() if k.startswith("state_")}, session.env)
-        checkpoints = set(run.evals["edit_index"].dropna().astype(int))
-        retention = run.retention[run.retention["checkpoint"].isin(checkpoints)]
-        session.writer.rewrite("edits", run.edits)
-        session.writer.rewrite("layers", run.layers)
-        session.writer.rewrite("evals", run.evals)
-        session.writer.rewrite("retention", retention)
-        session.edits = [_plain(r) for r in run.edits.to_dict("records")]
-        session.layer_rows = [_plain(r) for r in run.layers.to_dict("records")]
-        session.eval_rows = [_plain(r) for r in run.evals.to_dict("records")]
-        session.retention_rows = [_plain(r) for r in retention.to_dict("records")]
-        session.checkpoints = sorted(checkpoints)
-        for i in done:
-            if session.edits[i]["status"] == "ok":
-                session.requests[i] = _as_request(records[i], i)
-        session.n_edits = len(done)
-        session.n_batches = len(batches)
-        k = session.eval_every
-        if k and session.n_edits and last not in checkpoints:
-            in_last = int((run.edits["batch_index"] == run.edits["batch_index"].max()).sum())
-            if (session.n_edits - in_last) // k != session.n_edits // k:
-                session.checkpoint()
-        return session
+        return resume_session(cls, path, model, tok, records, cache=cache, corpus=corpus, progress=progress)
 
     def restore(self) -> None:
         """Put every edited weight back to its value when the session started (and clear the editor's
