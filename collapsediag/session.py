@@ -16,7 +16,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
 from .arch import ArchSpec, arch_for, get_module, weight_matrix
@@ -28,6 +27,7 @@ from .errors import CollapseDiagError, ModeError
 from .evaluate import request_probs, request_scores, success_share, target_probs
 from .fluency import GENERATION_PROMPTS, generation_entropy, heldout_texts, perplexity
 from .models import model_fingerprint, model_name
+from .progress import progress_bar
 from .recorder import NullRecorder, Recorder
 from .requests import EditRequest
 from .stats import LayerStats, StatsCache, TextCorpus
@@ -251,7 +251,7 @@ class EditSession:
         records = list(records)
         self._check_batch_size(batch_size)
         rows: list[dict[str, Any]] = []
-        bar = tqdm(total=len(records), desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
+        bar = progress_bar(total=len(records), desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
         for i in range(0, len(records), batch_size):
             rows += self.edit_batch(records[i:i + batch_size])
             bar.update(min(batch_size, len(records) - i))
