@@ -245,6 +245,23 @@ def _cache_agrees(model: nn.Module, tok: object, module: str, prefix: tuple[int,
     return bool((cached - full).norm() <= tol * full.norm())
 
 
+def _chunks(items: list[tuple[int, int, list[int]]], batch_size: int, waste: float = 1.25
+            ) -> Iterable[list[tuple[int, int, list[int]]]]:
+    """Consecutive runs of ``items`` (sorted by length) of at most ``batch_size``, cut early where right
+    padding would exceed ``waste`` times the run's real tokens."""
+    chunk: list[tuple[int, int, list[int]]] = []
+    tokens = 0
+    for item in items:
+        n = len(item[2])
+        if chunk and (len(chunk) == batch_size or (len(chunk) + 1) * n > waste * (tokens + n)):
+            yield chunk
+            chunk, tokens = [], 0
+        chunk.append(item)
+        tokens += n
+    if chunk:
+        yield chunk
+
+
 def _subject_keys(model: nn.Module, tok: object, module: str, seqs: list[list[list[int]]], batch_size: int,
                   share: bool, progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k_u, k̄ and the prefixed mean key of every record ([n, d_in] each, float64)."""
@@ -257,9 +274,7 @@ def _subject_keys(model: nn.Module, tok: object, module: str, seqs: list[list[li
         if prefix and (past is None or not _cache_agrees(model, tok, module, prefix, items[0][2], past)):
             log.warning("scan: the model's attention cache disagrees with a full forward; prefixes recomputed")
             past, items = None, [(r, j, list(prefix) + ids) for r, j, ids in items]
-        items.sort(key=lambda it: len(it[2]))
-        for a in range(0, len(items), batch_size):
-            chunk = items[a:a + batch_size]
+        for chunk in _chunks(sorted(items, key=lambda it: len(it[2])), batch_size):
             keys = _forward_keys(model, tok, module, [ids for _, _, ids in chunk], past)
             if k_u is None:
                 k_u = keys.new_zeros(n, keys.shape[1])
