@@ -1,5 +1,6 @@
-"""Pre-edit risk scan throughput on the embedded model: every CounterFact record at layer 5 (target ≤ 60 s
-for 500 records on 2 CPU cores).
+"""Pre-edit risk scan throughput on the embedded model, every CounterFact record at layer 5.
+
+Target: 500 records in ≤ 60 s on 2 CPU cores.
 
 Run: python benchmarks/scan.py [--data ../shared/data/counterfact.json] [--layer 5] [--batch-size 128]
                                [--no-share-prefix] [--out scan.csv]

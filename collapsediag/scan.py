@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
 from .arch import ArchSpec, arch_for
@@ -34,6 +33,7 @@ from .editors.rome import Rome
 from .errors import CollapseDiagError
 from .hooks import Trace
 from .models import model_fingerprint, model_name
+from .progress import progress_bar
 from .requests import EditRequest
 from .stats import LayerStats, StatsCache, TextCorpus
 from .tokens import encode, first_content_index, pad_batch, subject_span
@@ -72,7 +72,8 @@ def scan(model: nn.Module, tok: object, records: Iterable[Mapping[str, Any] | Ed
     templates : context templates; generated from the model with ``seed`` when None, exactly as
         ``EditSession`` does, so the values equal those a ROME / r-ROME session records.
     batch_size : sequences (record × template) per forward.
-    share_prefix : reuse each template's prefix attention cache (same values, ~2-3× fewer tokens).
+    share_prefix : run each template's context prefix once and reuse its attention cache for every record
+        (the same keys up to float rounding, far fewer tokens).
 
     Returns
     -------
@@ -268,22 +269,24 @@ def _subject_keys(model: nn.Module, tok: object, module: str, seqs: list[list[li
     n, n_templates = len(seqs), len(seqs[0])
     k_u: torch.Tensor | None = None
     k_sum: torch.Tensor | None = None  # Σ over the prefixed templates
-    bar = tqdm(total=n * n_templates, desc=desc, unit="seq", disable=not progress)
+    bar = progress_bar(total=n * n_templates, desc=desc, unit="seq", disable=not progress)
     for prefix, items in _groups(seqs, share).items():
-        past = _prefix_cache(model, module, prefix) if prefix else None
-        if prefix and (past is None or not _cache_agrees(model, tok, module, prefix, items[0][2], past)):
-            log.warning("scan: the model's attention cache disagrees with a full forward; prefixes recomputed")
-            past, items = None, [(r, j, list(prefix) + ids) for r, j, ids in items]
+        past = _prefix_cache(model, module, prefix) if prefix and share else None
+        if prefix and share and (past is None or not _cache_agrees(model, tok, module, prefix, items[0][2], past)):
+            log.warning("scan: the model's attention cache disagrees with a full forward; "
+                        "every sequence is run from its first token")
+            share, past = False, None
+        if prefix and past is None:
+            items = [(r, j, list(prefix) + ids) for r, j, ids in items]
         for chunk in _chunks(sorted(items, key=lambda it: len(it[2])), batch_size):
             keys = _forward_keys(model, tok, module, [ids for _, _, ids in chunk], past)
             if k_u is None:
                 k_u = keys.new_zeros(n, keys.shape[1])
                 k_sum = torch.zeros(n, keys.shape[1], dtype=torch.float64, device=keys.device)
-            for (r, j, _), k in zip(chunk, keys):
-                if j == 0:
-                    k_u[r] = k
-                else:
-                    k_sum[r] += k.double()
+            rec = torch.tensor([r for r, _, _ in chunk], device=keys.device)
+            unprefixed = torch.tensor([j == 0 for _, j, _ in chunk], device=keys.device)
+            k_u[rec[unprefixed]] = keys[unprefixed]
+            k_sum.index_add_(0, rec[~unprefixed], keys[~unprefixed].double())
             bar.update(len(chunk))
     bar.close()
     k_u64 = k_u.double()

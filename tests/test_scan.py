@@ -189,3 +189,27 @@ def test_write_read_round_trip(tok, env_for, tmp_path, ext):
         (tmp_path / f"scan.{ext}.meta.json").unlink()  # the file's own metadata is enough
         assert b"collapsediag.scan" in pq.read_schema(path).metadata
         assert read_scan(path).attrs == df.attrs
+
+
+def test_cache_fallback_gives_the_same_values(tiny, env_for, tmp_path, caplog, monkeypatch):
+    """Where the model's attention cache cannot be trusted, every sequence runs in full (one warning)."""
+    import importlib
+
+    scan_mod = importlib.import_module("collapsediag.scan")  # the module (collapsediag.scan is the function)
+    model, tok = tiny
+    stats = env_for(model, [LAYER], tmp_path).stats
+    ref = scan(model, tok, RECORDS, LAYER, stats=stats, templates=TEMPLATES, progress=False)
+    monkeypatch.setattr(scan_mod, "_prefix_cache", lambda *a: None)
+    with caplog.at_level(logging.WARNING, logger="collapsediag"):
+        got = scan(model, tok, RECORDS, LAYER, stats=stats, templates=TEMPLATES, progress=False)
+    assert len([r for r in caplog.records if r.name == "collapsediag"]) == 1
+    for name in SIGNALS:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5)
+
+
+def test_empty_and_all_bad(tiny):
+    model, tok = tiny
+    empty = scan(model, tok, [], LAYER, stats={}, templates=TEMPLATES, progress=False)
+    assert list(empty.columns) == list(COLUMNS) and len(empty) == 0
+    bad = scan(model, tok, BAD, LAYER, stats={}, templates=TEMPLATES, progress=False)
+    assert (bad["status"] != "ok").all() and bad["denominator"].isna().all()
