@@ -242,14 +242,21 @@ class EditSession:
                                       (record.get("case_id", index) if isinstance(record, dict) else index)))
 
     def run(self, records: Iterable[dict[str, Any] | EditRequest], batch_size: int = 1,
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: bool = True, live: bool = False) -> list[dict[str, Any]]:
         """Edit every record in order, ``batch_size`` records per update, with a progress bar.
 
         ``batch_size=1`` is sequential editing; ``len(records)`` is one batch; anything between is
         sequential-batch editing. ROME and r-ROME accept only 1 (``ModeError`` otherwise).
+        ``live=True`` in a Jupyter notebook shows a figure of the signals redrawn after every batch
+        (``collapsediag.live.LiveView``); elsewhere it draws nothing.
         """
         records = list(records)
         self._check_batch_size(batch_size)
+        view = None
+        if live:
+            from . import live as live_view
+
+            view = live_view.LiveView(self) if live_view.in_notebook() else None
         rows: list[dict[str, Any]] = []
         bar = progress_bar(total=len(records), desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
         for i in range(0, len(records), batch_size):
@@ -257,9 +264,13 @@ class EditSession:
             bar.update(min(batch_size, len(records) - i))
             ok = sum(x["status"] == "ok" and bool(x.get("efficacy")) for x in rows)
             bar.set_postfix(efficacy=f"{ok}/{len(rows)}")
+            if view is not None:
+                view.update()
         bar.close()
         if self.eval_every and self.n_edits and self.n_edits - 1 not in self.checkpoints:
             self.checkpoint()
+        if view is not None:
+            view.close()
         return rows
 
     def checkpoint(self) -> dict[str, Any]:
