@@ -139,7 +139,8 @@ def _layer_stats(model: nn.Module, tok: object, arch: ArchSpec, layer: int,
     return stats.get(layer)
 
 
-def _parse(tok: object, records: list[Any], templates: list[str]) -> tuple[list[dict[str, Any]], list[list[list[int]]]]:
+def _parse(tok: object, records: list[Any], templates: list[str]
+           ) -> tuple[list[dict[str, Any]], list[list[list[int]]]]:
     """One row per record and, for good records, its token ids under every template, cut after the subject."""
     rows: list[dict[str, Any]] = []
     seqs: list[list[list[int]]] = []
@@ -209,8 +210,11 @@ def _prefix_cache(model: nn.Module, module: str, prefix: tuple[int, ...]) -> obj
 
     device = next(model.parameters()).device
     past = DynamicCache()
-    with torch.no_grad(), Trace(model, module, stop=True):
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_cache_kwarg(model): past})
+    try:
+        with torch.no_grad(), Trace(model, module, stop=True):
+            model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_cache_kwarg(model): past})
+    except (TypeError, ValueError, AttributeError):  # a model (or transformers version) without this cache
+        return None
     return past if past.get_seq_length() == len(prefix) else None
 
 
