@@ -69,6 +69,8 @@ LAYERS = [
     _c("weight_fro", "float", "norm", "‖W‖_F after the edit"),
     _c("delta_l1", "float", "mean |w|", "‖ΔW‖₁ / numel(W) of this edit's update"),
     _c("delta_fro", "float", "norm", "‖ΔW‖_F of this edit's update"),
+    _c("update_ratio", "float", "ratio", "‖ΔW‖_F / ‖W‖_F of the weights before this update (a disabling ROME edit "
+       "writes an update several times the matrix's own norm)"),
     _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
     _c("drift_l1", "float", "mean |w|", "‖W − W₀‖₁ / numel(W) (D4S's delta_nom_1: the total change so far)"),
     _c("denominator", "float", "key units",

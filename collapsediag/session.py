@@ -365,6 +365,7 @@ class EditSession:
             row = {"edit_index": index, "batch_index": batch, "layer": d.layer, "module": d.module,
                    "weight_l1": float(w.abs().sum() / n), "weight_fro": float(w.norm()),
                    "delta_l1": float(dw.abs().sum() / n), "delta_fro": float(dw.norm()),
+                   "update_ratio": float(dw.norm() / (w - dw).norm().clamp_min(1e-30)),
                    "drift_fro": float((w - self.w0[d.layer]).norm() / n),
                    "drift_l1": float((w - self.w0[d.layer]).abs().sum() / n)}
             row.update(logged.get(d.layer, {}))
