@@ -1,4 +1,4 @@
-"""Command line: collapsediag run | report | figures | demo."""
+"""Command line: collapsediag run | scan | report | figures | demo."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   collapsediag run --editor memit --data counterfact:counterfact.json --mode sequential-batch \\
                    --batch-size 8 --n-edits 64 --layers 3 4 5 6 7 --out runs/memit-b8
   collapsediag run --out runs/rome --resume --data own     continue a run cut by a crash
+  collapsediag scan --data counterfact:counterfact.json --layers 5 --out scan.csv
   collapsediag report runs/rome runs/memit-b8 --format markdown
   collapsediag figures runs/rome runs/memit-b8 --out figures
 """
@@ -138,6 +139,44 @@ def run_command(args: argparse.Namespace) -> int:
                                       "eval_text": args.eval_text})
     session.run(records[session.n_edits:], batch_size=batch_size)
     print(format_report([load_run(args.out)]))
+    return 0
+
+
+def scan_command(args: argparse.Namespace) -> int:
+    """``collapsediag scan``: the pre-edit risk table of every record (no edit made), sorted by risk."""
+    import pandas as pd
+
+    from .checks import check_layers, check_records
+    from .data import load_data
+    from .models import load_config, load_model, n_layers
+    from .report import readable
+    from .scan import scan, write_scan
+    from .stats import StatsCache, TextCorpus
+
+    if pathlib.Path(args.out).suffix.lower() not in (".csv", ".parquet"):
+        raise CollapseDiagError(f"--out must end in .csv or .parquet, got {args.out!r}")
+    if args.editor not in ("rome", "r-rome"):
+        raise CollapseDiagError(f"scan reads ROME-family denominators: --editor rome or r-rome, got {args.editor!r}")
+    records = check_records(load_data(args.data, args.n_edits), args.data)
+    check_layers(args.layers, n_layers(load_config(args.model)), args.model)
+    model, tok = load_model(args.model)
+    corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
+    frames = []
+    for layer in args.layers:
+        df = scan(model, tok, records, layer, editor=args.editor, corpus=corpus, stats_tokens=args.stats_tokens,
+                  cache=StatsCache(args.cache_dir), seed=args.seed, batch_size=args.batch_size)
+        frames.append(df.assign(layer=layer))
+    df = pd.concat(frames, ignore_index=True).sort_values(["risk_rank", "layer"], kind="stable")
+    df = df.reset_index(drop=True)
+    df.attrs = dict(frames[0].attrs, layer=list(args.layers), data=args.data,
+                    stats={str(f.attrs["layer"]): f.attrs["stats"] for f in frames},
+                    module={str(f.attrs["layer"]): f.attrs["module"] for f in frames})
+    path = write_scan(df, args.out)
+    cols = ["risk_rank", "layer", "case_id", "subject", "denominator", "denominator_consistent",
+            "denominator_ratio", "key_cosine", "subject_first_token"]
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 30):
+        print(readable(df[cols].head(args.top)).to_string(index=False))
+    print(f"\n{len(df)} rows ({len(records)} records x {len(args.layers)} layers) written to {path}")
     return 0
 
 
@@ -289,6 +328,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-dir", default=None,
                    help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
     r.set_defaults(func=run_command)
+
+    sc = sub.add_parser("scan", help="pre-edit risk scan: ROME's denominators and key geometry of every record, "
+                                     "no edit made", parents=[common], formatter_class=_Formatter,
+                        description="Rank records by the risk that a ROME edit disables the model, from their keys "
+                                    "alone (same statistics, context templates and key code as a run).")
+    sc.add_argument("--model", default="smollm2-135m",
+                    help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
+    sc.add_argument("--data", required=True, help="counterfact:PATH, zsre:PATH, facts:PATH or own")
+    sc.add_argument("--layers", type=int, nargs="+", required=True, help="layer(s) to scan, 0-based")
+    sc.add_argument("--editor", default="rome", choices=["rome", "r-rome"],
+                    help="whose denominator ranks the records (both are always recorded)")
+    sc.add_argument("--out", required=True, help="output table, .csv or .parquet (metadata beside it, .meta.json)")
+    sc.add_argument("--n-edits", type=positive_int, default=None, help="scan the first N records (default: all)")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the context templates (as a run with that seed)")
+    sc.add_argument("--batch-size", type=positive_int, default=128, help="sequences per forward")
+    sc.add_argument("--top", type=nonnegative_int, default=10, help="rows of the risk table to print")
+    sc.add_argument("--stats-corpus", default=None,
+                    help="text file for the key statistics C = E[kkᵀ] (default: the packaged corpus)")
+    sc.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
+    sc.add_argument("--cache-dir", default=None,
+                    help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
+    sc.set_defaults(func=scan_command)
 
     rp = sub.add_parser("report", help="summary, flagged edits and forgetting phases of saved runs",
                         parents=[common], formatter_class=_Formatter)

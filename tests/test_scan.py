@@ -214,3 +214,30 @@ def test_empty_and_all_bad(tiny):
     assert list(empty.columns) == list(COLUMNS) and len(empty) == 0
     bad = scan(model, tok, BAD, LAYER, stats={}, templates=TEMPLATES, progress=False)
     assert (bad["status"] != "ok").all() and bad["denominator"].isna().all()
+
+
+def test_scan_command_writes_every_layer_sorted_by_risk(tok, tmp_path, capsys):
+    from collapsediag.cli import main
+    from tests.conftest import corpus_texts, make_model
+
+    model = make_model("llama", len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_texts(300)))
+    out = tmp_path / "scan.csv"
+    code = main(["scan", "--model", str(tmp_path / "model"), "--data", f"facts:{facts}", "--layers", "1", "2",
+                 "--out", str(out), "--stats-corpus", str(corpus), "--stats-tokens", "6000",
+                 "--cache-dir", str(tmp_path / "cache"), "--top", "3", "-q"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "risk_rank" in printed and f"{2 * len(RECORDS)} rows" in printed
+    df = read_scan(out)
+    assert len(df) == 2 * len(RECORDS) and sorted(df["layer"].unique()) == [1, 2]
+    assert df["risk_rank"].is_monotonic_increasing
+    assert df.attrs["layer"] == [1, 2] and set(df.attrs["stats"]) == {"1", "2"}
+    for layer, g in df.groupby("layer"):
+        assert g.sort_values("risk_rank")["denominator"].abs().is_monotonic_increasing
+    assert main(["scan", "--data", f"facts:{facts}", "--layers", "1", "--out", str(tmp_path / "x.txt")]) == 2
