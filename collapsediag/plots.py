@@ -156,11 +156,6 @@ def _legend_outside(ax: Axes, extra: Sequence[tuple[Any, str]] = (), title: str 
                   frameon=False, alignment="left")
 
 
-def _remove_legend(ax: Axes) -> None:
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
-
-
 def _short(case_id: object, n: int = 20) -> str:
     s = str(case_id)
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -448,10 +443,11 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
     labels, palette = _labels(runs), _palette(runs)
     flag_list, dis_list = _per_run(flags, runs, "flags"), _per_run(disabling, runs, "disabling")
     evs = [r.evals.dropna(subset=["perplexity"]).sort_values("edit_index") for r in runs]
-    d = pd.concat([pd.DataFrame({"edits applied": ev["n_edits"].to_numpy(int), "run": lab,
-                                 "perplexity": ev["perplexity"].to_numpy(float),
-                                 "entropy": ev["generation_entropy"].to_numpy(float)})
-                   for ev, lab in zip(evs, labels)], ignore_index=True)
+    d = pd.concat([pd.DataFrame(columns=["edits applied", "run", "perplexity", "entropy"])]
+                  + [pd.DataFrame({"edits applied": ev["n_edits"].to_numpy(int), "run": lab,
+                                   "perplexity": ev["perplexity"].to_numpy(float),
+                                   "entropy": ev["generation_entropy"].to_numpy(float)})
+                     for ev, lab in zip(evs, labels)], ignore_index=True)
     with_entropy = entropy and d["entropy"].notna().any()
     axes, own = _panels(ax, 2 if with_entropy else 1, 1, sharex=True, panel=(3.6, 1.9))
     order = [lab for lab in labels if lab in set(d["run"])]
