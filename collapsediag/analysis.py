@@ -19,6 +19,11 @@ from .models import model_fingerprint
 from .rebuild import run_deltas
 from .store import Run
 
+# Defaults calibrated on single ROME / r-ROME edits of CounterFact on the embedded model
+# (benchmarks/disabling.py; README "Disabling edits").
+KEY_RATIO = 0.3
+UPDATE_RATIO = 1.0
+
 FLAG_COLUMNS = ["edit_index", "case_id", "layer", "signal", "value", "threshold", "first_edit"]
 
 
@@ -37,10 +42,14 @@ def robust_z(values: pd.Series | np.ndarray) -> np.ndarray:
 
 
 def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float = 0.25,
-                         perplexity_ratio: float = 1.5, entropy_drop: float = 0.75) -> pd.DataFrame:
+                         perplexity_ratio: float = 1.5, entropy_drop: float = 0.75, key_ratio: float = KEY_RATIO,
+                         update_ratio: float = UPDATE_RATIO) -> pd.DataFrame:
     """Edits that may have disabled the model, one row per signal that fired.
 
     Signals (thresholds are the parameters):
+      ``update_size``: ‖ΔW‖_F / ‖W‖_F of the weights before the update above ``update_ratio``;
+      ``key_mismatch``: ROME's denominator k_uᵀu over r-ROME's k̄ᵀu below ``key_ratio`` (ROME family only;
+      1 for r-ROME, whose update divides by k̄ᵀu);
       ``update_norm``: robust z-score of log ‖ΔW‖_F within the run and layer above ``norm_z`` (3.5);
       ``denominator``: the update denominator below ``denominator_ratio`` (0.25) × the run's median;
       ``perplexity_jump``: held-out perplexity over the previous checkpoint's above ``perplexity_ratio`` (1.5);
@@ -53,6 +62,15 @@ def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float
     case = dict(zip(run.edits["edit_index"], run.edits["case_id"]))
     ly = run.layers.dropna(subset=["edit_index"])
     for layer, g in ly.groupby("layer"):
+        for _, r in g.iterrows():
+            size = float(r.get("update_ratio", np.nan))
+            if size > update_ratio:
+                rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "update_size",
+                             "value": size, "threshold": update_ratio, "score": size})
+            mismatch = float(r["denominator"]) / float(r.get("denominator_consistent", np.nan))
+            if mismatch < key_ratio:
+                rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "key_mismatch",
+                             "value": mismatch, "threshold": key_ratio, "score": mismatch})
         norms = g["delta_fro"].astype(float)
         z = robust_z(np.log(norms.clip(lower=1e-30)))
         for (_, r), zi in zip(g.iterrows(), z):
@@ -186,3 +204,60 @@ def forgetting_phases(run: Run, min_size: int = 3, steepening: float = 3.0, min_
     return dict(out, onset=int(x[k]), catastrophic=catastrophic, gradual_slope=before, catastrophic_slope=after,
                 retention_at_onset=float(ret[k]), retention_final=float(ret[-1]), fit_gain=gain,
                 perplexity_onset=p_onset)
+
+
+GEOMETRY = ["denominator", "denominator_consistent", "key_cosine", "update_ratio"]
+
+
+def _geometry(run: Run) -> pd.DataFrame:
+    """Per edit: the ROME-family key geometry of its (first) edited layer, and the subject-first flag."""
+    ly = run.layers.dropna(subset=["edit_index"]).sort_values(["edit_index", "layer"])
+    geo = ly.groupby("edit_index")[GEOMETRY].first()
+    e = run.edits.set_index("edit_index")
+    geo["subject_first_token"] = e["subject_first_token"].reindex(geo.index)
+    return geo
+
+
+def disabling_edits(run: Run, perplexity_ratio: float = 2.0, flags: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Edits after which held-out perplexity rose ``perplexity_ratio`` times or more since the checkpoint just
+    before them (a checkpoint after every edit names the edit itself), with the flag signals that fired and the
+    key geometry that explains them: k_uᵀu (``denominator``), k̄ᵀu, cos(k_u, k̄), ‖ΔW‖/‖W‖, subject first."""
+    cols = ["edit_index", "case_id", "subject", "perplexity_before", "perplexity_after", "perplexity_ratio",
+            "signals", *GEOMETRY, "subject_first_token"]
+    ev = run.evals.dropna(subset=["edit_index", "perplexity"]).sort_values("edit_index")
+    if len(ev) < 2:
+        return pd.DataFrame(columns=cols)
+    flags = flag_disabling_edits(run) if flags is None else flags
+    geo = _geometry(run)
+    e = run.edits.set_index("edit_index")
+    rows = []
+    for prev, cur in zip(ev.itertuples(), ev.iloc[1:].itertuples()):
+        ratio = cur.perplexity / prev.perplexity
+        first, last = int(prev.edit_index) + 1, int(cur.edit_index)
+        if ratio < perplexity_ratio or first > last:
+            continue
+        suspects = [i for i in range(first, last + 1) if i in e.index and e.loc[i, "status"] == "ok"]
+        # the edit with the largest update among those since the last checkpoint
+        worst = max(suspects, key=lambda i: geo["update_ratio"].get(i, np.nan) if i in geo.index else -1,
+                    default=last)
+        fired = sorted(set(flags.loc[flags["edit_index"] == worst, "signal"]))
+        g = geo.loc[worst] if worst in geo.index else pd.Series(dtype=float)
+        rows.append({"edit_index": worst, "case_id": e.loc[worst, "case_id"], "subject": e.loc[worst, "subject"],
+                     "perplexity_before": float(prev.perplexity), "perplexity_after": float(cur.perplexity),
+                     "perplexity_ratio": float(ratio), "signals": ", ".join(fired) or "none",
+                     **{c: g.get(c, np.nan) for c in GEOMETRY + ["subject_first_token"]}})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def edits_not_taken(run: Run) -> pd.DataFrame:
+    """Edits that succeeded as updates but did not take on the bare prompt (p_new ≤ p_true right after), with
+    the key geometry that explains it: a small k_uᵀu against k̄ᵀu means the bare prompt's key barely reaches
+    an update built on the prefix-averaged key (r-ROME's cost)."""
+    cols = ["edit_index", "case_id", "subject", "p_new_after", "p_true_after", *GEOMETRY, "subject_first_token"]
+    e = run.edits
+    miss = e[(e["status"] == "ok") & ~e["efficacy"].fillna(False).astype(bool)]
+    if miss.empty:
+        return pd.DataFrame(columns=cols)
+    geo = _geometry(run).drop(columns="subject_first_token")
+    out = miss.set_index("edit_index").join(geo, how="left").reset_index()
+    return out[cols].reset_index(drop=True)

@@ -224,25 +224,41 @@ def report_command(args: argparse.Namespace) -> int:
 
 def figures_command(args: argparse.Namespace) -> int:
     """``collapsediag figures DIR [DIR ...] --out figures/``: every figure as PNG and PDF."""
+    from .analysis import disabling_edits
     from .plots import write_figures
+    from .scan import read_scan
     from .store import load_run
 
-    for path in write_figures([load_run(d) for d in args.dirs], args.out):
+    runs = [load_run(d) for d in args.dirs]
+    disabling = {r.path.name: disabling_edits(r) for r in runs}
+    confirmed = [d for d in disabling.values() if len(d)]
+    for path in write_figures(runs, args.out, scan=read_scan(args.scan) if args.scan else None,
+                              disabling=disabling,
+                              confirmed=pd_concat(confirmed) if confirmed else None):
         print(path)
     return 0
 
 
+def pd_concat(frames: list[Any]) -> Any:
+    """Rows of several frames as one."""
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
 def demo_command(args: argparse.Namespace) -> int:
-    """``collapsediag demo``: the study on the embedded model and the own fact set, its figures and findings."""
+    """``collapsediag demo``: the risk scan of the own facts, then the study on the embedded model, its report
+    (naming the disabling edit and why), figures and findings."""
     import dataclasses
     import time
 
     from .data import own_facts
     from .models import load_model
     from .plots import write_figures
-    from .report import format_report, markdown_table
+    from .report import format_report, markdown_table, readable
+    from .scan import write_scan
     from .stats import StatsCache
-    from .study import SIZES, run_study, study_findings
+    from .study import SIZES, demo_scan, disabling_by_run, run_study, study_findings
 
     t0 = time.perf_counter()
     size = SIZES[args.size]
@@ -256,16 +272,29 @@ def demo_command(args: argparse.Namespace) -> int:
     if hparams is not None and not isinstance(hparams, dict):
         raise CollapseDiagError(f"--hparams must be a JSON object {{editor: {{key: value}}}}, got {args.hparams!r}")
     model, tok = load_model(args.model)
-    runs = run_study(model, tok, own_facts(), out, size, hparams=hparams, stats_tokens=args.stats_tokens,
-                     cache=StatsCache(args.cache_dir), seed=args.seed)
-    figures = write_figures(list(runs.values()), figures_dir)
+    cache = StatsCache(args.cache_dir)
+    facts = own_facts()
+    risk = demo_scan(model, tok, facts, size, hparams=hparams, stats_tokens=args.stats_tokens, cache=cache,
+                     seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_scan(risk, out / "scan.csv")
+    cols = ["risk_rank", "case_id", "denominator", "denominator_consistent", "denominator_ratio", "key_cosine",
+            "subject_first_token", "in_demo"]
+    print(f"Risk scan of the {len(risk)} own facts at layer {risk.attrs['layer']} (no edit made; "
+          f"denominator = ROME's k_uᵀu, denominator_consistent = r-ROME's k̄ᵀu):")
+    print(readable(risk[cols].head(6)).to_string(index=False) + "\n")
+    runs = run_study(model, tok, facts, out, size, hparams=hparams, stats_tokens=args.stats_tokens,
+                     cache=cache, seed=args.seed)
+    disabling = disabling_by_run(runs)
+    figures = write_figures(list(runs.values()), figures_dir, scan=risk, disabling=disabling,
+                            confirmed=disabling.get("rome"))
     findings = study_findings(runs)
     table = markdown_table(findings)
     (out / "findings.md").write_text(table)
     findings.to_csv(out / "findings.csv", index=False)
     print(format_report(list(runs.values())))
     print(f"figures: {len(figures)} files in {figures_dir}")
-    print(f"runs: {out}; findings also in {out / 'findings.md'}")
+    print(f"runs: {out}; risk scan in {out / 'scan.csv'}; findings also in {out / 'findings.md'}")
     print(f"\nFindings ({args.size} study, {size.n_edits} edits per run, {time.perf_counter() - t0:.0f} s):")
     print(table)
     return 0
@@ -361,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=_Formatter)
     fg.add_argument("dirs", nargs="+", help="run directories")
     fg.add_argument("--out", default="figures", help="folder for the figures")
+    fg.add_argument("--scan", default=None,
+                    help="a risk scan (.csv or .parquet from collapsediag scan) to draw with the runs' disabling "
+                         "edits marked (default: none)")
     fg.set_defaults(func=figures_command)
 
     d = sub.add_parser("demo", help="the study: ROME, r-ROME, MEMIT (3 batch sizes) and D4S on the embedded "

@@ -1,6 +1,8 @@
 """Summary tables of saved runs (computed here; printing is the CLI's job)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -72,6 +74,37 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines)
 
 
+def _geometry_text(r: Any) -> str:
+    ratio = r.denominator / r.denominator_consistent if r.denominator_consistent else np.nan
+    first = "the subject is the prompt's first token" if bool(r.subject_first_token) else \
+        "the subject is not the first token"
+    return (f"k_uᵀu = {readable_cell(float(r.denominator))} against k̄ᵀu = "
+            f"{readable_cell(float(r.denominator_consistent))} (ratio {readable_cell(float(ratio), floatfmt='{:.3g}')}), "
+            f"cos(k_u, k̄) = {float(r.key_cosine):.3f}, {first}")
+
+
+def explain(run: Run, perplexity_ratio: float = 2.0) -> list[str]:
+    """Sentences naming each disabling edit of ``run`` (perplexity ×``perplexity_ratio`` right after it), the
+    signals that flagged it and the key geometry that explains it; and each edit that did not take on the bare
+    prompt, with the same geometry."""
+    from .analysis import disabling_edits, edits_not_taken
+
+    name, editor = run.path.name, run.config.get("editor")
+    lines = []
+    for r in disabling_edits(run, perplexity_ratio).itertuples():
+        lines.append(f"{name}: edit {r.edit_index} ({r.case_id}, subject {r.subject!r}) disabled the model: "
+                     f"held-out perplexity {r.perplexity_before:.2f} -> {r.perplexity_after:.2f} "
+                     f"(x{r.perplexity_ratio:.1f}). Flagged by: {r.signals}. Why: {_geometry_text(r)}; the update "
+                     f"is {float(r.update_ratio):.2f} times the norm of the matrix it edits.")
+    for r in edits_not_taken(run).itertuples():
+        why = _geometry_text(r) if np.isfinite(float(r.denominator_consistent)) else "no key geometry recorded"
+        what = ("r-ROME writes along the prefix-averaged key k̄, which the bare prompt's key barely reaches"
+                if editor == "r-rome" else "the edit lost to the true object")
+        lines.append(f"{name}: edit {r.edit_index} ({r.case_id}) did not take on the bare prompt "
+                     f"(p_new {float(r.p_new_after):.3g} < p_true {float(r.p_true_after):.3g}). Why: {why}: {what}.")
+    return lines
+
+
 def format_report(runs: list[Run], fmt: str = "text") -> str:
     """Report of saved runs: the summary table, the flagged edits, the forgetting phases and every edit
     that did not succeed; ``fmt`` is ``text`` or ``markdown``."""
@@ -85,11 +118,16 @@ def format_report(runs: list[Run], fmt: str = "text") -> str:
     phases = pd.DataFrame([dict(run=r.path.name, **forgetting_phases(r)) for r in runs])
     sections = [("Summary", table), ("Flagged edits (possible disabling edits)", flags),
                 ("Forgetting phases", phases)]
+    stories = [line for r in runs for line in explain(r)]
     for r in runs:
         bad = failed_edits(r)
         if len(bad):
             sections.append((f"Edits not ok in {r.path.name}", bad))
     parts = []
+    if stories:
+        title = "Disabling edits and edits that did not take"
+        parts += ([f"## {title}", ""] + [f"- {x}" for x in stories] + [""] if fmt == "markdown"
+                  else [title] + stories + [""])
     for title, df in sections:
         if fmt == "markdown":
             parts += [f"## {title}", "", markdown_table(df) if len(df) else "(none)", ""]

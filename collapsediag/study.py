@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import spearmanr
 from torch import nn
 from .progress import progress_bar
 
-from .analysis import flag_disabling_edits
+from .analysis import disabling_edits, flag_disabling_edits
 from .editors import get_editor
 from .editors.target import TargetCache
 from .fluency import GENERATION_PROMPTS, heldout_texts
@@ -39,9 +40,10 @@ class StudySize:
     eval_every: int
     eval_passages: int
     generation_prompts: int
+    rome_eval_every: int = 1  # ROME and r-ROME: a checkpoint after every edit names a disabling edit itself
 
 
-SIZES = {"small": StudySize(8, (4, 8), 4, 24, 4), "full": StudySize(48, (8, 48), 8, 72, 8)}
+SIZES = {"small": StudySize(8, (8,), 4, 24, 4), "full": StudySize(48, (8, 48), 8, 72, 8)}
 
 
 def study_plan(size: StudySize) -> list[tuple[str, str, int]]:
@@ -72,8 +74,9 @@ def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         mode = "sequential" if b == 1 else ("batch" if b >= len(records) else "sequential-batch")
+        every = size.rome_eval_every if editor.single_edit_only else size.eval_every
         s = EditSession(model, tok, editor, out=run_dir, corpus=corpus or TextCorpus.packaged(),
-                        stats_tokens=stats_tokens, cache=cache, seed=seed, eval_every=size.eval_every,
+                        stats_tokens=stats_tokens, cache=cache, seed=seed, eval_every=every,
                         eval_texts=texts, generation_prompts=prompts, target_cache=targets, progress=progress,
                         templates=templates.get(editor.context_lengths),
                         config={"data": "own", "n_edits": len(records), "mode": mode, "batch_size": b})
@@ -83,6 +86,26 @@ def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out:
         runs[name] = load_run(run_dir)
     bar.close()
     return runs
+
+
+def demo_scan(model: nn.Module, tok: object, records: list[dict[str, Any]], size: StudySize,
+              hparams: dict[str, dict] | None = None, stats_tokens: int = 100_000, cache: StatsCache | None = None,
+              seed: int = 0) -> pd.DataFrame:
+    """The risk scan of ``records`` at ROME's layer, with the same statistics and templates as the study's ROME
+    run; ``in_demo`` marks the records the study edits."""
+    from .scan import scan
+
+    layer = int(get_editor("rome", (hparams or {}).get("rome", {})).hparams.layer)
+    torch.manual_seed(seed)
+    df = scan(model, tok, records, layer, corpus=TextCorpus.packaged(), stats_tokens=stats_tokens, cache=cache,
+              seed=seed)
+    df["in_demo"] = df["record_index"] < size.n_edits
+    return df
+
+
+def disabling_by_run(runs: dict[str, Run], perplexity_ratio: float = 2.0) -> dict[str, pd.DataFrame]:
+    """Each run's disabling edits (perplexity ×``perplexity_ratio`` right after the edit), by run name."""
+    return {name: disabling_edits(run, perplexity_ratio) for name, run in runs.items()}
 
 
 def _growth(run: Run) -> pd.Series:
@@ -99,14 +122,15 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
     rome, rrome = runs.get("rome"), runs.get("r-rome")
     if rome is not None and rrome is not None:
         fr, fq = flag_disabling_edits(rome), flag_disabling_edits(rrome)
+        dr, dq = disabling_edits(rome, flags=fr), disabling_edits(rrome, flags=fq)
         den_r, den_q = rome.layers["denominator"], rrome.layers["denominator"]
+        told = "; ".join(f"edit {r.edit_index} ({r.case_id}) perplexity x{r.perplexity_ratio:.1f}, flagged by "
+                         f"{r.signals}" for r in dr.itertuples()) or "no ROME edit doubled perplexity"
         rows.append({"finding": "(i) ROME makes disabling edits, r-ROME none",
-                     "reproduced": bool(fr["edit_index"].nunique() > 0 and fq.empty),
-                     "evidence": f"ROME flagged edits {sorted(set(fr['edit_index']))} "
-                                 f"({', '.join(sorted(set(fr['signal']))) or 'no signal'}); denominator min "
-                                 f"{den_r.min():.3g} vs median {den_r.median():.3g}. r-ROME flagged "
-                                 f"{sorted(set(fq['edit_index']))}; denominator min {den_q.min():.3g} vs median "
-                                 f"{den_q.median():.3g}"})
+                     "reproduced": bool(len(dr) > 0 and dq.empty),
+                     "evidence": f"{told}. ROME denominator min {den_r.min():.3g} vs median {den_r.median():.3g}. "
+                                 f"r-ROME: {len(dq)} disabling edits, flagged {sorted(set(fq['edit_index']))}; "
+                                 f"denominator min {den_q.min():.3g} vs median {den_q.median():.3g}"})
     pts = []
     for name in ("rome", "r-rome", "memit"):
         run = runs.get(name)
@@ -132,15 +156,13 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
                      "evidence": "MEMIT neighborhood score at the end: " +
                                  ", ".join(f"batch {b}: {v:.3f}" for b, v in nb)})
     if rome is not None:
-        fr = flag_disabling_edits(rome)
-        fr = fr[fr["signal"].isin(["denominator", "update_norm"])]
         first = rome.edits.set_index("edit_index")["subject_first_token"].fillna(False).astype(bool)
         share_all = float(first.mean())
-        flagged = sorted(set(fr["edit_index"]))
-        share_flag = float(first.loc[flagged].mean()) if flagged else np.nan
+        collapsed = sorted(set(disabling_edits(rome)["edit_index"]))
+        share_flag = float(first.loc[collapsed].mean()) if collapsed else np.nan
         rows.append({"finding": "(iv) collapse cases have the subject as the first token",
-                     "reproduced": bool(share_flag > share_all) if flagged else None,
-                     "evidence": f"subject first in {share_flag:.0%} of ROME's flagged edits ({len(flagged)}) "
-                                 f"vs {share_all:.0%} of all its edits" if flagged else
-                                 f"no ROME edit flagged; subject first in {share_all:.0%} of its edits"})
+                     "reproduced": bool(share_flag > share_all) if collapsed else None,
+                     "evidence": f"subject first in {share_flag:.0%} of ROME's disabling edits ({len(collapsed)}) "
+                                 f"vs {share_all:.0%} of all its edits" if collapsed else
+                                 f"no ROME edit disabled the model; subject first in {share_all:.0%} of its edits"})
     return pd.DataFrame(rows, columns=["finding", "reproduced", "evidence"])

@@ -56,7 +56,8 @@ def test_flags_find_every_planted_outlier_and_nothing_else(tmp_path):
     assert (flags.loc[flags["signal"] == "update_norm", "layer"].value_counts() == 3).all()  # both layers
     assert flags.loc[flags["edit_index"] == 12, "case_id"].iloc[0] == "c12"
     assert (flags.loc[flags["signal"] == "perplexity_jump", "first_edit"] == PPL_JUMP).all()
-    stricter = flag_disabling_edits(run, norm_z=1e9, denominator_ratio=0.0, perplexity_ratio=1e9, entropy_drop=1e9)
+    stricter = flag_disabling_edits(run, norm_z=1e9, denominator_ratio=0.0, perplexity_ratio=1e9, entropy_drop=1e9,
+                                    key_ratio=-1e9, update_ratio=1e9)
     assert stricter.empty
 
 
@@ -110,3 +111,71 @@ def test_confirmation_applies_one_edit_alone(tiny, env_for, tmp_path):
     from collapsediag.errors import CollapseDiagError
     with pytest.raises(CollapseDiagError, match="fingerprint"):
         confirm_disabling_edits(load_run(tmp_path / "run"), [0], model, tok, corpus_texts(2))
+
+
+def rome_like_run(path, planted=None, n=30, checkpoints=True, seed=1):
+    """A sequential ROME-like run: one layer with k_uᵀu, k̄ᵀu and update_ratio per edit; edit ``planted`` (if any)
+    has a tiny k_uᵀu and an update several times the matrix's norm, and perplexity ×6 right after it; the edits
+    after it go on as usual."""
+    rng = np.random.default_rng(seed)
+    w = RunWriter.create(path, {"editor": "rome", "arch": {}, "initial_weights": {}})
+    edits, layers, evals = [], [], []
+    ppl = 8.0
+    if checkpoints:
+        evals.append({"edit_index": -1, "n_edits": 0, "perplexity": ppl})
+    for i in range(n):
+        bad = i == planted
+        edits.append({"edit_index": i, "batch_index": i, "batch_size": 1, "case_id": f"c{i}", "status": "ok",
+                      "efficacy": i != 4, "subject": f"s{i}", "subject_first_token": bad,
+                      "p_new_after": 0.1 if i == 4 else 0.6, "p_true_after": 0.3 if i == 4 else 0.1})
+        k_bar_u = float(rng.normal(3.0, 0.3))
+        k_u_u = 0.01 if bad else k_bar_u * float(rng.uniform(0.6, 1.1))
+        layers.append({"edit_index": i, "batch_index": i, "layer": 5, "denominator": k_u_u,
+                       "denominator_consistent": k_bar_u, "key_cosine": 0.3 if bad else 0.8,
+                       "delta_fro": 900.0 if bad else float(np.exp(rng.normal(3.0, 0.2))),
+                       "update_ratio": 5.0 if bad else float(rng.uniform(0.05, 0.3))})
+        ppl *= 6.0 if bad else float(np.exp(rng.normal(0.003, 0.002)))
+        if checkpoints:
+            evals.append({"edit_index": i, "n_edits": i + 1, "perplexity": ppl})
+    w.append("edits", edits)
+    w.append("layers", layers)
+    w.append("evals", evals)
+    return load_run(path)
+
+
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_flags_fire_on_one_planted_disabling_edit_and_stay_silent_without(tmp_path, checkpoints):
+    run = rome_like_run(tmp_path / "bad", planted=11, checkpoints=checkpoints)
+    flags = flag_disabling_edits(run)
+    assert set(flags["edit_index"]) == {11}  # later edits follow it and are not flagged
+    expected = {"key_mismatch", "update_size", "update_norm", "denominator"}
+    assert set(flags["signal"]) == expected | ({"perplexity_jump"} if checkpoints else set())
+    clean = flag_disabling_edits(rome_like_run(tmp_path / "clean", planted=None, checkpoints=checkpoints))
+    assert clean.empty
+
+
+def test_disabling_edits_name_the_edit_its_signals_and_geometry(tmp_path):
+    from collapsediag.analysis import disabling_edits
+
+    run = rome_like_run(tmp_path / "r", planted=11)
+    d = disabling_edits(run)
+    assert d["edit_index"].tolist() == [11] and d["case_id"].iloc[0] == "c11"
+    assert d["perplexity_ratio"].iloc[0] == pytest.approx(6.0, rel=0.01)
+    assert "key_mismatch" in d["signals"].iloc[0] and "update_size" in d["signals"].iloc[0]
+    assert d["denominator"].iloc[0] == pytest.approx(0.01) and bool(d["subject_first_token"].iloc[0])
+    assert disabling_edits(rome_like_run(tmp_path / "c", planted=None)).empty
+    assert disabling_edits(rome_like_run(tmp_path / "n", planted=11, checkpoints=False)).empty
+
+
+def test_edits_not_taken_and_the_report_explain_them(tmp_path):
+    from collapsediag.analysis import edits_not_taken
+    from collapsediag.report import explain, format_report
+
+    run = rome_like_run(tmp_path / "r", planted=11)
+    miss = edits_not_taken(run)
+    assert miss["edit_index"].tolist() == [4] and miss["p_new_after"].iloc[0] == pytest.approx(0.1)
+    lines = explain(run)
+    assert any("edit 11 (c11" in x and "x6.0" in x and "key_mismatch" in x and "first token" in x for x in lines)
+    assert any("edit 4 (c4) did not take on the bare prompt" in x for x in lines)
+    text = format_report([run])
+    assert "Disabling edits and edits that did not take" in text and "edit 11 (c11" in text

@@ -9,8 +9,8 @@ from tests.test_plots import RECORDS
 
 
 def test_study_plan_sizes():
-    assert [n for n, _, _ in study_plan(SIZES["small"])] == ["rome", "r-rome", "memit", "memit-batch4",
-                                                             "memit-batch8", "d4s"]
+    assert [n for n, _, _ in study_plan(SIZES["small"])] == ["rome", "r-rome", "memit", "memit-batch8", "d4s"]
+    assert SIZES["small"].rome_eval_every == 1  # a checkpoint right after every ROME edit names a disabling one
     assert study_plan(StudySize(4, (1,), 2, 2, 1))[-1] == ("d4s", "d4s", 1)
 
 
@@ -28,8 +28,8 @@ def test_study_runs_and_findings(tok, tmp_path):
     assert list(runs) == ["rome", "r-rome", "memit", "memit-batch4", "d4s"]
     assert runs["memit-batch4"].config["mode"] == "batch" and runs["memit-batch4"].edits["batch_index"].eq(0).all()
     for name, r in runs.items():
-        assert len(r.edits) == 4 and r.evals["edit_index"].tolist() == ([-1, 3] if name == "memit-batch4" else
-                                                                        [-1, 1, 3]), name
+        expected = {"memit-batch4": [-1, 3], "rome": [-1, 0, 1, 2, 3], "r-rome": [-1, 0, 1, 2, 3]}
+        assert len(r.edits) == 4 and r.evals["edit_index"].tolist() == expected.get(name, [-1, 1, 3]), name
     findings = study_findings(runs)
     assert len(findings) == 4 and findings["finding"].str.startswith(("(i)", "(ii)", "(iii)", "(iv)")).all()
     assert findings["evidence"].str.len().gt(20).all()
@@ -54,6 +54,12 @@ def test_demo_command_writes_runs_figures_and_findings(tok, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "Findings (small study, 4 edits per run" in out and "(iii)" in out
+    assert "Risk scan of the" in out and "risk_rank" in out
+    from collapsediag.scan import read_scan
+
+    risk = read_scan(tmp_path / "runs" / "scan.csv")
+    assert risk["risk_rank"].is_monotonic_increasing and risk["in_demo"].sum() == 4
+    assert (tmp_path / "runs" / "figures" / "risk_scan.png").exists()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == [
         "d4s", "figures", "memit", "memit-batch4", "r-rome", "rome"]
     fig = tmp_path / "runs" / "figures"  # under --out by default: the clone's figures/ is left alone

@@ -1,0 +1,55 @@
+"""Each edit alone: apply one edit to the unedited model, measure held-out perplexity, put the weights back.
+
+This is the ground truth the cheap signals are scored against ("perplexity ratio ≥ 2 with the edit alone").
+
+>>> ratios = edit_each_alone(model, tok, records, ["rome", "r-rome"], texts, layer=5)
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from .editors import get_editor
+from .editors.target import TargetCache
+from .fluency import perplexity
+from .session import EditSession
+
+
+def edit_each_alone(model: nn.Module, tok: object, records: list[dict[str, Any]], editors: list[str],
+                    texts: list[str], layer: int = 5, templates: list[str] | None = None,
+                    out: str | os.PathLike | None = None, hparams: dict[str, Any] | None = None,
+                    log: Any = None) -> pd.DataFrame:
+    """Edit each record alone on the unedited ``model`` with each editor (ROME family, one ``layer``).
+
+    The editors share one target cache, so r-ROME reuses ROME's v* for the same record (same weights).
+    With ``out``, each editor's edits are saved as a run under ``out/<editor>`` (every edit made from W₀).
+    Returns one row per (editor, record): edit_index, case_id, status, efficacy, perplexity_base,
+    perplexity_alone and ratio. The model is left unedited.
+    """
+    targets = TargetCache()
+    base = perplexity(model, tok, texts)
+    sessions = {}
+    for name in editors:
+        sessions[name] = EditSession(
+            model, tok, get_editor(name, {"layer": layer, **(hparams or {})}), templates=templates,
+            target_cache=targets, out=None if out is None else pathlib.Path(out) / name, progress=False,
+            config={"mode": "sequential", "batch_size": 1, "note": "every edit made alone on the unedited model"})
+        templates = sessions[name].env.templates
+    rows = []
+    for i, record in enumerate(records):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            row = s.edit(record)
+            ppl = perplexity(model, tok, texts) if row["status"] == "ok" else float("nan")
+            s.restore()
+            rows.append({"editor": name, "edit_index": row["edit_index"], "case_id": row["case_id"],
+                         "status": row["status"], "efficacy": row.get("efficacy"), "perplexity_base": base,
+                         "perplexity_alone": ppl, "ratio": ppl / base, "seconds": time.perf_counter() - t0})
+            if log is not None:
+                log(f"[{i + 1}/{len(records)}] {name} {row['case_id']}: perplexity x{ppl / base:.3g}")
+    return pd.DataFrame(rows)
