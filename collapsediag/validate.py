@@ -18,16 +18,18 @@ from .editors import get_editor
 from .editors.target import TargetCache
 from .fluency import perplexity
 from .session import EditSession
+from .stats import LayerStats
 
 
 def edit_each_alone(model: nn.Module, tok: object, records: list[dict[str, Any]], editors: list[str],
                     texts: list[str], layer: int = 5, templates: list[str] | None = None,
                     out: str | os.PathLike | None = None, hparams: dict[str, Any] | None = None,
-                    log: Any = None) -> pd.DataFrame:
+                    stats: dict[int, LayerStats] | None = None, log: Any = None) -> pd.DataFrame:
     """Edit each record alone on the unedited ``model`` with each editor (ROME family, one ``layer``).
 
     The editors share one target cache, so r-ROME reuses ROME's v* for the same record (same weights).
     With ``out``, each editor's edits are saved as a run under ``out/<editor>`` (every edit made from W₀).
+    ``stats`` are the layer's key statistics (default: the packaged corpus through the cache, as a run).
     Returns one row per (editor, record): edit_index, case_id, status, efficacy, perplexity_base,
     perplexity_alone and ratio. The model is left unedited.
     """
@@ -36,7 +38,7 @@ def edit_each_alone(model: nn.Module, tok: object, records: list[dict[str, Any]]
     sessions = {}
     for name in editors:
         sessions[name] = EditSession(
-            model, tok, get_editor(name, {"layer": layer, **(hparams or {})}), templates=templates,
+            model, tok, get_editor(name, {"layer": layer, **(hparams or {})}), templates=templates, stats=stats,
             target_cache=targets, out=None if out is None else pathlib.Path(out) / name, progress=False,
             config={"mode": "sequential", "batch_size": 1, "note": "every edit made alone on the unedited model"})
         templates = sessions[name].env.templates
