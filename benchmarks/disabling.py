@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from collapsediag.analysis import flag_disabling_edits, flag_scores
+from collapsediag.analysis import COLLAPSE_RATIO, flag_disabling_edits, flag_scores
 from collapsediag.data import load_counterfact
 from collapsediag.fluency import heldout_texts
 from collapsediag.models import load_model
@@ -33,7 +33,6 @@ from collapsediag.validate import edit_each_alone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "counterfact.json"
-COLLAPSE_RATIO = 2.0
 
 
 def select(df: pd.DataFrame, top: int, sample: int, seed: int) -> pd.DataFrame:
@@ -76,7 +75,8 @@ def score(edits: pd.DataFrame, chosen: pd.DataFrame, out: pathlib.Path) -> dict:
                          "true_positives": tp, "precision": tp / len(hit) if hit else np.nan,
                          "recall": tp / len(truth) if truth else np.nan})
         table = pd.concat([table, pd.DataFrame(topk)], ignore_index=True)
-        rho = spearmanr(1 / e["denominator"].abs(), e["ratio"]).statistic
+        ok = e.dropna(subset=["denominator", "ratio"])
+        rho = spearmanr(1 / ok["denominator"].abs(), ok["ratio"]).statistic
         result[name] = {"edits": len(e), "disabling": int(e["disabling"].sum()),
                         "spearman_inv_denominator_ratio": float(rho),
                         "ratio_max": float(e["ratio"].max()), "ratio_median": float(e["ratio"].median()),
@@ -102,7 +102,8 @@ def main() -> None:
     if args.reuse:
         df = read_scan(out / "scan.parquet")
         edits = pd.read_csv(out / "edits.csv")
-        scan_seconds = json.loads((results / "disabling.json").read_text()).get("scan_seconds")
+        saved = results / "disabling.json"
+        scan_seconds = json.loads(saved.read_text()).get("scan_seconds") if saved.exists() else None
     else:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("rome", "r-rome"):

@@ -23,6 +23,7 @@ from .store import Run
 # (benchmarks/disabling.py; README "Disabling edits").
 KEY_RATIO = 0.3
 UPDATE_RATIO = 1.0
+COLLAPSE_RATIO = 2.0  # an edit disables the model when held-out perplexity at least doubles with it
 
 FLAG_COLUMNS = ["edit_index", "case_id", "layer", "signal", "value", "threshold", "first_edit"]
 
@@ -218,18 +219,25 @@ def _geometry(run: Run) -> pd.DataFrame:
     return geo
 
 
-def disabling_edits(run: Run, perplexity_ratio: float = 2.0, flags: pd.DataFrame | None = None) -> pd.DataFrame:
+def disabling_edits(run: Run, perplexity_ratio: float = COLLAPSE_RATIO,
+                    flags: pd.DataFrame | None = None) -> pd.DataFrame:
     """Edits after which held-out perplexity rose ``perplexity_ratio`` times or more since the checkpoint just
-    before them (a checkpoint after every edit names the edit itself), with the flag signals that fired and the
-    key geometry that explains them: k_uᵀu (``denominator``), k̄ᵀu, cos(k_u, k̄), ‖ΔW‖/‖W‖, subject first."""
-    cols = ["edit_index", "case_id", "subject", "perplexity_before", "perplexity_after", "perplexity_ratio",
-            "signals", *GEOMETRY, "subject_first_token"]
+    before them, with the flag signals that fired and the key geometry that explains them: k_uᵀu
+    (``denominator``), k̄ᵀu, cos(k_u, k̄), ‖ΔW‖/‖W‖, subject first; ``perplexity_vs_unedited`` compares with
+    the unedited model (checkpoint −1).
+
+    With a checkpoint after every edit the edit is named exactly. Otherwise ``first_edit`` is the first edit
+    since the previous checkpoint, and ``edit_index`` the suspect among them with the largest update."""
+    cols = ["edit_index", "first_edit", "case_id", "subject", "perplexity_before", "perplexity_after",
+            "perplexity_ratio", "perplexity_vs_unedited", "signals", *GEOMETRY, "subject_first_token"]
     ev = run.evals.dropna(subset=["edit_index", "perplexity"]).sort_values("edit_index")
     if len(ev) < 2:
         return pd.DataFrame(columns=cols)
     flags = flag_disabling_edits(run) if flags is None else flags
     geo = _geometry(run)
     e = run.edits.set_index("edit_index")
+    base = ev.loc[ev["edit_index"] == -1, "perplexity"]
+    base = float(base.iloc[0]) if len(base) else np.nan
     rows = []
     for prev, cur in zip(ev.itertuples(), ev.iloc[1:].itertuples()):
         ratio = cur.perplexity / prev.perplexity
@@ -237,14 +245,17 @@ def disabling_edits(run: Run, perplexity_ratio: float = 2.0, flags: pd.DataFrame
         if ratio < perplexity_ratio or first > last:
             continue
         suspects = [i for i in range(first, last + 1) if i in e.index and e.loc[i, "status"] == "ok"]
-        # the edit with the largest update among those since the last checkpoint
-        worst = max(suspects, key=lambda i: geo["update_ratio"].get(i, np.nan) if i in geo.index else -1,
-                    default=last)
+        def size(i: int) -> float:  # the largest update among the edits since the last checkpoint
+            v = geo["update_ratio"].get(i, np.nan) if i in geo.index else np.nan
+            return float(v) if np.isfinite(v) else -np.inf
+
+        worst = max(suspects, key=size, default=last)
         fired = sorted(set(flags.loc[flags["edit_index"] == worst, "signal"]))
         g = geo.loc[worst] if worst in geo.index else pd.Series(dtype=float)
-        rows.append({"edit_index": worst, "case_id": e.loc[worst, "case_id"], "subject": e.loc[worst, "subject"],
-                     "perplexity_before": float(prev.perplexity), "perplexity_after": float(cur.perplexity),
-                     "perplexity_ratio": float(ratio), "signals": ", ".join(fired) or "none",
+        rows.append({"edit_index": worst, "first_edit": first, "case_id": e.loc[worst, "case_id"],
+                     "subject": e.loc[worst, "subject"], "perplexity_before": float(prev.perplexity),
+                     "perplexity_after": float(cur.perplexity), "perplexity_ratio": float(ratio),
+                     "perplexity_vs_unedited": float(cur.perplexity) / base, "signals": ", ".join(fired) or "none",
                      **{c: g.get(c, np.nan) for c in GEOMETRY + ["subject_first_token"]}})
     return pd.DataFrame(rows, columns=cols)
 

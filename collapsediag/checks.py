@@ -10,8 +10,8 @@ from .requests import EditRequest
 log = logging.getLogger("collapsediag")
 
 
-def check_records(records: list[dict[str, Any]], spec: str) -> list[dict[str, Any]]:
-    """Raise if ``records`` is empty or holds no valid record; warn once for each rejected record.
+def check_records(records: list[dict[str, Any]], spec: str, warn: bool = True) -> list[dict[str, Any]]:
+    """Raise if ``records`` is empty or holds no valid record; warn once for each rejected record (``warn``).
 
     Rejected records stay in the list: a run records each one's error in its ``status``.
     """
@@ -23,7 +23,8 @@ def check_records(records: list[dict[str, Any]], spec: str) -> list[dict[str, An
             EditRequest.from_dict(rec, case_id=rec.get("case_id", i) if isinstance(rec, dict) else i)
         except RecordError as exc:
             bad.append(exc)
-            log.warning("rejected %s", exc)
+            if warn:
+                log.warning("rejected %s", exc)
     if len(bad) == len(records):
         raise CollapseDiagError(f"data set {spec!r} holds no valid record ({len(records)} rejected; "
                                 f"first: {bad[0]})")

@@ -18,7 +18,7 @@ EXAMPLES = """examples:
   collapsediag run --editor rome --data own --n-edits 20 --layers 5 --eval-every 5 --out runs/rome
   collapsediag run --editor memit --data counterfact:counterfact.json --mode sequential-batch \\
                    --batch-size 8 --n-edits 64 --layers 3 4 5 6 7 --out runs/memit-b8
-  collapsediag run --out runs/rome --resume --data own     continue a run cut by a crash
+  collapsediag run --out runs/rome --resume                continue a run cut by a crash
   collapsediag scan --data counterfact:counterfact.json --layers 5 --out scan.csv
   collapsediag report runs/rome runs/memit-b8 --format markdown
   collapsediag figures runs/rome runs/memit-b8 --out figures
@@ -111,11 +111,16 @@ def run_command(args: argparse.Namespace) -> int:
     from .stats import StatsCache, TextCorpus
     from .store import load_run
 
-    if args.editor is None and not args.resume:
-        raise CollapseDiagError("--editor is required (except with --resume)")
     resuming = args.resume and (pathlib.Path(args.out) / "config.json").exists()
+    if args.editor is None and not resuming:
+        raise CollapseDiagError(f"no run to resume in {args.out} (no config.json): give --editor to start one"
+                                if args.resume else "--editor is required (except with --resume)")
     editor = None
-    if not resuming:
+    if resuming:
+        resume_inputs(args)
+    else:
+        if args.data is None:
+            raise CollapseDiagError("--data is required to start a run")
         check_mode(args.editor, args.mode, args.batch_size)
         editor = get_editor(args.editor, parse_hparams(args.hparam, args.layers, args.editor))
     records = check_records(load_data(args.data, args.n_edits), args.data)
@@ -142,6 +147,19 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_inputs(args: argparse.Namespace) -> None:
+    """With ``--resume``: take ``--data`` and ``--n-edits`` from the run's config, and refuse values that
+    contradict it (a resumed run edits the same records as the run it continues)."""
+    config = json.loads((pathlib.Path(args.out) / "config.json").read_text(encoding="utf-8"))
+    for key, option in (("data", "--data"), ("n_edits", "--n-edits")):
+        given, recorded = getattr(args, key), config.get(key)
+        if given is not None and recorded is not None and given != recorded:
+            raise CollapseDiagError(f"{option} {given} differs from the run's ({recorded}); leave it out with --resume")
+        setattr(args, key, recorded if given is None else given)
+    if args.data is None:
+        raise CollapseDiagError(f"the run in {args.out} does not record its data set: give --data")
+
+
 def scan_command(args: argparse.Namespace) -> int:
     """``collapsediag scan``: the pre-edit risk table of every record (no edit made), sorted by risk."""
     import pandas as pd
@@ -155,9 +173,7 @@ def scan_command(args: argparse.Namespace) -> int:
 
     if pathlib.Path(args.out).suffix.lower() not in (".csv", ".parquet"):
         raise CollapseDiagError(f"--out must end in .csv or .parquet, got {args.out!r}")
-    if args.editor not in ("rome", "r-rome"):
-        raise CollapseDiagError(f"scan reads ROME-family denominators: --editor rome or r-rome, got {args.editor!r}")
-    records = check_records(load_data(args.data, args.n_edits), args.data)
+    records = check_records(load_data(args.data, args.n_edits), args.data, warn=False)  # scan warns itself
     check_layers(args.layers, n_layers(load_config(args.model)), args.model)
     model, tok = load_model(args.model)
     corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
@@ -168,7 +184,8 @@ def scan_command(args: argparse.Namespace) -> int:
         frames.append(df.assign(layer=layer))
     df = pd.concat(frames, ignore_index=True).sort_values(["risk_rank", "layer"], kind="stable")
     df = df.reset_index(drop=True)
-    df.attrs = dict(frames[0].attrs, layer=list(args.layers), data=args.data,
+    df.attrs = dict(frames[0].attrs, layer=args.layers[0] if len(args.layers) == 1 else list(args.layers),
+                    data=args.data,
                     stats={str(f.attrs["layer"]): f.attrs["stats"] for f in frames},
                     module={str(f.attrs["layer"]): f.attrs["module"] for f in frames})
     path = write_scan(df, args.out)
@@ -229,21 +246,16 @@ def figures_command(args: argparse.Namespace) -> int:
     from .scan import read_scan
     from .store import load_run
 
-    runs = [load_run(d) for d in args.dirs]
-    disabling = {r.path.name: disabling_edits(r) for r in runs}
-    confirmed = [d for d in disabling.values() if len(d)]
-    for path in write_figures(runs, args.out, scan=read_scan(args.scan) if args.scan else None,
-                              disabling=disabling,
-                              confirmed=pd_concat(confirmed) if confirmed else None):
-        print(path)
-    return 0
-
-
-def pd_concat(frames: list[Any]) -> Any:
-    """Rows of several frames as one."""
     import pandas as pd
 
-    return pd.concat(frames, ignore_index=True)
+    runs = [load_run(d) for d in args.dirs]
+    disabling = {r.path.name: disabling_edits(r) for r in runs}
+    # on ROME's risk scan, mark the ROME runs' collapses
+    confirmed = [d for r in runs if r.config.get("editor") == "rome" and len(d := disabling[r.path.name])]
+    for path in write_figures(runs, args.out, scan=read_scan(args.scan) if args.scan else None,
+                              disabling=disabling, confirmed=pd.concat(confirmed) if confirmed else None):
+        print(path)
+    return 0
 
 
 def demo_command(args: argparse.Namespace) -> int:
@@ -327,11 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
     r.add_argument("--editor", default=None,
                    help=f"one of: {editors_help()}. Taken from the run with --resume (required otherwise)")
-    r.add_argument("--data", required=True,
+    r.add_argument("--data", default=None,
                    help="counterfact:PATH (ROME or EasyEdit schema), zsre:PATH (MEND eval schema), "
-                        "facts:PATH (.jsonl or .csv) or own (the project's fact set)")
+                        "facts:PATH (.jsonl or .csv) or own (the project's fact set); required, except with "
+                        "--resume (default: the run's)")
     r.add_argument("--n-edits", type=positive_int, default=None,
-                   help="edit the first N records (default: all records of --data)")
+                   help="edit the first N records (default: all records of --data; with --resume, the run's)")
     r.add_argument("--mode", default="sequential", choices=["sequential", "batch", "sequential-batch"],
                    help="sequential: one edit per update; batch: one update of all edits; "
                         "sequential-batch: updates of --batch-size edits one after another")
@@ -395,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "edits marked (default: none)")
     fg.set_defaults(func=figures_command)
 
-    d = sub.add_parser("demo", help="the study: ROME, r-ROME, MEMIT (3 batch sizes) and D4S on the embedded "
-                                    "model, with figures and findings", parents=[common], formatter_class=_Formatter,
+    d = sub.add_parser("demo", help="the study: a risk scan of the own facts, then ROME, r-ROME, MEMIT (sequential "
+                                    "and batched) and D4S on the embedded model, with figures and findings", parents=[common], formatter_class=_Formatter,
                        description="The demo study on the embedded model and the project's own facts.")
     d.add_argument("--size", choices=["small", "full"], default="small",
                    help="small: 8 edits per run (about 12 min on 2 cores); full: 48")

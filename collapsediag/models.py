@@ -106,7 +106,9 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as exc:
-        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {exc}") from exc
+        close = difflib.get_close_matches(name_or_path.lower(), BUILTIN, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}? Built-in: {', '.join(BUILTIN)}." if close else ""
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {exc}{hint}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     prepare_tokenizer(tok)
@@ -151,8 +153,14 @@ def hub_offline() -> bool:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # behind a proxy a direct connection says nothing: let the hub client try
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=3):
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=3):
             return False
     except OSError:
         return True

@@ -48,7 +48,7 @@ NOISE = 1e-10  # |value| below this prints as 0 (e.g. a fitted slope of 1e-17 on
 
 def readable_cell(value: object, column: str = "", floatfmt: str = "{:.4g}") -> str:
     """One value as a reader wants it: yes/no for booleans, 0 for float noise, percent for ``*_pct``."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (np.ndim(value) == 0 and not isinstance(value, str) and pd.isna(value)):
         return ""
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
@@ -76,32 +76,46 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 def _geometry_text(r: Any) -> str:
     ratio = r.denominator / r.denominator_consistent if r.denominator_consistent else np.nan
-    first = "the subject is the prompt's first token" if bool(r.subject_first_token) else \
-        "the subject is not the first token"
+    first = "" if pd.isna(r.subject_first_token) else (
+        ", the subject is the prompt's first token" if bool(r.subject_first_token) else
+        ", the subject is not the first token")
     return (f"k_uᵀu = {readable_cell(float(r.denominator))} against k̄ᵀu = "
             f"{readable_cell(float(r.denominator_consistent))} (ratio {readable_cell(float(ratio), floatfmt='{:.3g}')}), "
-            f"cos(k_u, k̄) = {float(r.key_cosine):.3f}, {first}")
+            f"cos(k_u, k̄) = {readable_cell(float(r.key_cosine), floatfmt='{:.3f}')}{first}")
 
 
-def explain(run: Run, perplexity_ratio: float = 2.0) -> list[str]:
-    """Sentences naming each disabling edit of ``run`` (perplexity ×``perplexity_ratio`` right after it), the
-    signals that flagged it and the key geometry that explains it; and each edit that did not take on the bare
-    prompt, with the same geometry."""
-    from .analysis import disabling_edits, edits_not_taken
+def explain(run: Run, perplexity_ratio: float | None = None, most: int = 5) -> list[str]:
+    """Sentences for a ROME or r-ROME run: each disabling edit (perplexity ×``perplexity_ratio`` right after
+    it; default ``analysis.COLLAPSE_RATIO``) with the signals that flagged it and the key geometry that
+    explains it; and each edit that did not take on the bare prompt, with the same geometry (at most ``most``
+    of each kind). Other editors have no such geometry: an empty list."""
+    from .analysis import COLLAPSE_RATIO, KEY_RATIO, disabling_edits, edits_not_taken
 
     name, editor = run.path.name, run.config.get("editor")
+    if editor not in ("rome", "r-rome"):
+        return []
     lines = []
-    for r in disabling_edits(run, perplexity_ratio).itertuples():
-        lines.append(f"{name}: edit {r.edit_index} ({r.case_id}, subject {r.subject!r}) disabled the model: "
-                     f"held-out perplexity {r.perplexity_before:.2f} -> {r.perplexity_after:.2f} "
-                     f"(x{r.perplexity_ratio:.1f}). Flagged by: {r.signals}. Why: {_geometry_text(r)}; the update "
-                     f"is {float(r.update_ratio):.2f} times the norm of the matrix it edits.")
-    for r in edits_not_taken(run).itertuples():
-        why = _geometry_text(r) if np.isfinite(float(r.denominator_consistent)) else "no key geometry recorded"
-        what = ("r-ROME writes along the prefix-averaged key k̄, which the bare prompt's key barely reaches"
-                if editor == "r-rome" else "the edit lost to the true object")
+    dis = disabling_edits(run, perplexity_ratio or COLLAPSE_RATIO)
+    for r in dis.head(most).itertuples():
+        which = (f"edit {r.edit_index}" if r.first_edit == r.edit_index else
+                 f"edit {r.edit_index} (the largest update of edits {r.first_edit}-{r.edit_index}, one checkpoint)")
+        size = "" if pd.isna(r.update_ratio) else \
+            f"; the update is {float(r.update_ratio):.2f} times the norm of the matrix it edits"
+        lines.append(f"{name}: {which} ({r.case_id}, subject {r.subject!r}) disabled the model: held-out "
+                     f"perplexity {r.perplexity_before:.2f} -> {r.perplexity_after:.2f} (x{r.perplexity_ratio:.1f}; "
+                     f"x{r.perplexity_vs_unedited:.1f} the unedited model's). Flagged by: {r.signals}. "
+                     f"Why: {_geometry_text(r)}{size}.")
+    miss = edits_not_taken(run)
+    for r in miss.head(most).itertuples():
+        ratio = float(r.denominator) / float(r.denominator_consistent) if r.denominator_consistent else np.nan
+        why = _geometry_text(r)
+        if editor == "r-rome" and ratio < KEY_RATIO:
+            why += ": r-ROME writes along the prefix-averaged key k̄, which the bare prompt's key barely reaches"
         lines.append(f"{name}: edit {r.edit_index} ({r.case_id}) did not take on the bare prompt "
-                     f"(p_new {float(r.p_new_after):.3g} < p_true {float(r.p_true_after):.3g}). Why: {why}: {what}.")
+                     f"(p_new {float(r.p_new_after):.3g} < p_true {float(r.p_true_after):.3g}). Key geometry: {why}.")
+    for kind, df in (("disabling edits", dis), ("edits that did not take", miss)):
+        if len(df) > most:
+            lines.append(f"{name}: {len(df) - most} more {kind} (collapsediag.analysis)")
     return lines
 
 

@@ -13,7 +13,6 @@ attention cache is computed once and reused (checked against a full forward once
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from .editors import get_editor
 from .editors.context import generate_templates
 from .editors.rome import Rome
 from .errors import CollapseDiagError
+from .forward import cache_kwargs
 from .hooks import Trace
 from .models import model_fingerprint, model_name
 from .progress import progress_bar
@@ -212,16 +212,10 @@ def _prefix_cache(model: nn.Module, module: str, prefix: tuple[int, ...]) -> obj
     past = DynamicCache()
     try:
         with torch.no_grad(), Trace(model, module, stop=True):
-            model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_cache_kwarg(model): past})
+            model(input_ids=torch.tensor([prefix], device=device), **cache_kwargs(model, past))
     except (TypeError, ValueError, AttributeError):  # a model (or transformers version) without this cache
         return None
     return past if past.get_seq_length() == len(prefix) else None
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """The forward argument that takes an attention cache (``cache`` from transformers 5.x, else
-    ``past_key_values``)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _forward_keys(model: nn.Module, tok: object, module: str, seqs: list[list[int]],
@@ -234,7 +228,7 @@ def _forward_keys(model: nn.Module, tok: object, module: str, seqs: list[list[in
         cache = copy.deepcopy(past)
         cache.batch_repeat_interleave(len(seqs))
         mask = torch.cat([mask.new_ones(len(seqs), past.get_seq_length()), mask], dim=1)
-        kwargs = {_cache_kwarg(model): cache, "use_cache": True}
+        kwargs = cache_kwargs(model, cache)
     with torch.no_grad(), Trace(model, module, retain_input=True, stop=True) as tr:
         model(input_ids=ids, attention_mask=mask, **kwargs)
     rows = torch.arange(len(seqs), device=device)

@@ -40,7 +40,8 @@ def edit_each_alone(model: nn.Module, tok: object, records: list[dict[str, Any]]
         sessions[name] = EditSession(
             model, tok, get_editor(name, {"layer": layer, **(hparams or {})}), templates=templates, stats=stats,
             target_cache=targets, out=None if out is None else pathlib.Path(out) / name, progress=False,
-            config={"mode": "sequential", "batch_size": 1, "note": "every edit made alone on the unedited model"})
+            config={"mode": "alone", "batch_size": 1, "note": "every edit made alone on the unedited model: "
+                    "model_at and --resume do not apply"})
         templates = sessions[name].env.templates
     rows = []
     for i, record in enumerate(records):

@@ -141,3 +141,33 @@ def test_readable_cells():
 
     df = readable(pd.DataFrame({"catastrophic": [True, False], "slope": [1e-17, -0.25]}))
     assert df["catastrophic"].tolist() == ["yes", "no"] and df["slope"].tolist() == ["0", "-0.25"]
+
+
+def test_resume_takes_data_from_the_run_and_refuses_contradictions(tmp_path, capsys, no_model_load):
+    assert main(["run", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": "own", "n_edits": 3}))
+    assert main(["run", "--resume", "--out", str(run), "--data", "zsre:x.json"]) == 2
+    assert "--data zsre:x.json differs from the run's (own)" in capsys.readouterr().err
+    assert main(["run", "--resume", "--out", str(run), "--n-edits", "5"]) == 2
+    assert "--n-edits 5 differs from the run's (3)" in capsys.readouterr().err
+    args = build_parser().parse_args(["run", "--resume", "--out", str(run)])
+    from collapsediag.cli import resume_inputs
+
+    resume_inputs(args)
+    assert args.data == "own" and args.n_edits == 3
+
+
+def test_cache_kwargs_follow_the_forward_signature():
+    from collapsediag.forward import cache_kwargs
+
+    class New:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    assert cache_kwargs(New(), "c") == {"cache": "c", "use_cache": True}
+    assert cache_kwargs(Old(), "c") == {"past_key_values": "c", "use_cache": True}
