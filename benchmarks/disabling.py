@@ -75,12 +75,25 @@ def score(edits: pd.DataFrame, chosen: pd.DataFrame, out: pathlib.Path) -> dict:
                          "true_positives": tp, "precision": tp / len(hit) if hit else np.nan,
                          "recall": tp / len(truth) if truth else np.nan})
         table = pd.concat([table, pd.DataFrame(topk)], ignore_index=True)
+        e["update_ratio"] = e["edit_index"].map(layers["update_ratio"])
+        e["key_ratio"] = e["denominator"] / e["edit_index"].map(layers["denominator_consistent"])
+        sweep = []
+        for column, op, values in (("update_ratio", ">", (1.5, 1.7, 2.0, 2.2, 3.0)),
+                                   ("key_ratio", "<", (0.005, 0.01, 0.02, 0.05, 0.3))):
+            for t in values:
+                sel = e[column] > t if op == ">" else e[column] < t
+                tp = int((sel & e["disabling"]).sum())
+                sweep.append({"rule": f"{column} {op} {t}", "flagged": int(sel.sum()), "true_positives": tp,
+                              "precision": tp / sel.sum() if sel.sum() else np.nan,
+                              "recall": tp / e["disabling"].sum() if e["disabling"].sum() else np.nan})
         ok = e.dropna(subset=["denominator", "ratio"])
         rho = spearmanr(1 / ok["denominator"].abs(), ok["ratio"]).statistic
         result[name] = {"edits": len(e), "disabling": int(e["disabling"].sum()),
                         "spearman_inv_denominator_ratio": float(rho),
                         "ratio_max": float(e["ratio"].max()), "ratio_median": float(e["ratio"].median()),
-                        "scores": table.to_dict("records"),
+                        "scores": table.to_dict("records"), "threshold_sweep": sweep,
+                        "by_ratio": e.sort_values("ratio", ascending=False).head(6)[
+                            ["case_id", "ratio", "update_ratio", "key_ratio", "denominator"]].to_dict("records"),
                         "flagged": sorted(int(i) for i in flags["edit_index"].unique())}
     return result
 

@@ -20,9 +20,11 @@ from .rebuild import run_deltas
 from .store import Run
 
 # Defaults calibrated on single ROME / r-ROME edits of CounterFact on the embedded model
-# (benchmarks/disabling.py; README "Disabling edits").
-KEY_RATIO = 0.3
-UPDATE_RATIO = 1.0
+# (benchmarks/disabling.py; README "Disabling edits: the scan and the flags against real edits"):
+# the largest thresholds at which no disabling edit is missed and the fewest others are flagged.
+KEY_RATIO = 0.01  # k_uᵀu / k̄ᵀu
+UPDATE_RATIO = 2.0  # ‖ΔW‖_F / ‖W‖_F
+DENOMINATOR_SHARE = 0.01  # of the run's median denominator
 COLLAPSE_RATIO = 2.0  # an edit disables the model when held-out perplexity at least doubles with it
 
 FLAG_COLUMNS = ["edit_index", "case_id", "layer", "signal", "value", "threshold", "first_edit"]
@@ -42,7 +44,7 @@ def robust_z(values: pd.Series | np.ndarray) -> np.ndarray:
     return (x - med) / mad
 
 
-def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float = 0.25,
+def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float = DENOMINATOR_SHARE,
                          perplexity_ratio: float = 1.5, entropy_drop: float = 0.75, key_ratio: float = KEY_RATIO,
                          update_ratio: float = UPDATE_RATIO) -> pd.DataFrame:
     """Edits that may have disabled the model, one row per signal that fired.
@@ -52,7 +54,7 @@ def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float
       ``key_mismatch``: ROME's denominator k_uᵀu over r-ROME's k̄ᵀu below ``key_ratio`` (ROME family only;
       1 for r-ROME, whose update divides by k̄ᵀu);
       ``update_norm``: robust z-score of log ‖ΔW‖_F within the run and layer above ``norm_z`` (3.5);
-      ``denominator``: the update denominator below ``denominator_ratio`` (0.25) × the run's median;
+      ``denominator``: the update denominator below ``denominator_ratio`` (0.01) × the run's median;
       ``perplexity_jump``: held-out perplexity over the previous checkpoint's above ``perplexity_ratio`` (1.5);
       ``entropy_drop``: generation entropy fell by more than ``entropy_drop`` bits (0.75) since the last
       checkpoint.

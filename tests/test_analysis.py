@@ -46,7 +46,7 @@ def test_robust_z_sees_through_outliers():
 
 def test_flags_find_every_planted_outlier_and_nothing_else(tmp_path):
     run = synthetic_run(tmp_path / "r")
-    flags = flag_disabling_edits(run)
+    flags = flag_disabling_edits(run, denominator_ratio=0.25)
     by = {s: set(g["edit_index"]) for s, g in flags.groupby("signal")}
     assert by["update_norm"] == NORM_OUT
     assert by["denominator"] == DEN_OUT
