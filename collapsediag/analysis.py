@@ -209,13 +209,15 @@ def forgetting_phases(run: Run, min_size: int = 3, steepening: float = 3.0, min_
                 perplexity_onset=p_onset)
 
 
-GEOMETRY = ["denominator", "denominator_consistent", "key_cosine", "update_ratio"]
+GEOMETRY = ["denominator", "denominator_unprefixed", "denominator_consistent", "key_cosine", "update_ratio"]
 
 
 def _geometry(run: Run) -> pd.DataFrame:
     """Per edit: the ROME-family key geometry of its (first) edited layer, and the subject-first flag."""
     ly = run.layers.dropna(subset=["edit_index"]).sort_values(["edit_index", "layer"])
     geo = ly.groupby("edit_index")[GEOMETRY].first()
+    if run.config.get("editor") == "rome":  # ROME divides by k_uᵀu (runs before denominator_unprefixed)
+        geo["denominator_unprefixed"] = geo["denominator_unprefixed"].fillna(geo["denominator"])
     e = run.edits.set_index("edit_index")
     geo["subject_first_token"] = e["subject_first_token"].reindex(geo.index)
     return geo

@@ -74,12 +74,18 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     return "\n".join(lines)
 
 
+def _k_u_u(r: Any) -> float:
+    """k_uᵀu of a row (``denominator_unprefixed``; NaN where a run did not record it)."""
+    return float(r.denominator_unprefixed)
+
+
 def _geometry_text(r: Any) -> str:
-    ratio = r.denominator / r.denominator_consistent if r.denominator_consistent else np.nan
+    k_u_u = _k_u_u(r)
+    ratio = k_u_u / r.denominator_consistent if r.denominator_consistent else np.nan
     first = "" if pd.isna(r.subject_first_token) else (
         ", the subject is the prompt's first token" if bool(r.subject_first_token) else
         ", the subject is not the first token")
-    return (f"k_uᵀu = {readable_cell(float(r.denominator))} against k̄ᵀu = "
+    return (f"k_uᵀu = {readable_cell(k_u_u)} against k̄ᵀu = "
             f"{readable_cell(float(r.denominator_consistent))} (ratio {readable_cell(float(ratio), floatfmt='{:.3g}')}), "
             f"cos(k_u, k̄) = {readable_cell(float(r.key_cosine), floatfmt='{:.3f}')}{first}")
 
@@ -107,7 +113,7 @@ def explain(run: Run, perplexity_ratio: float | None = None, most: int = 5) -> l
                      f"Why: {_geometry_text(r)}{size}.")
     miss = edits_not_taken(run)
     for r in miss.head(most).itertuples():
-        ratio = float(r.denominator) / float(r.denominator_consistent) if r.denominator_consistent else np.nan
+        ratio = _k_u_u(r) / float(r.denominator_consistent) if r.denominator_consistent else np.nan
         why = _geometry_text(r)
         if editor == "r-rome" and ratio < KEY_RATIO:
             why += ": r-ROME writes along the prefix-averaged key k̄, which the bare prompt's key barely reaches"

@@ -81,6 +81,9 @@ LAYERS = [
        "condition number of the matrix the method inverts (C for ROME, λC + KKᵀ for MEMIT, λC + ΣKKᵀ for D4S, "
        "D for EMMET, G = Uᵀ(KKᵀ + K_pK_pᵀ)U + αI for AlphaEdit)"),
     _c("denominator_consistent", "float", "key units", "k̄ᵀu: the denominator with the prefix-averaged key", "rome family"),
+    _c("denominator_unprefixed", "float", "key units",
+       "k_uᵀu: the denominator with the unprefixed key (ROME's; recorded for r-ROME too, which does not divide by it)",
+       "rome family"),
     _c("key_norm_unprefixed", "float", "norm", "‖k_u‖: key of the prompt without prefix", "rome family"),
     _c("key_norm_prefixed", "float", "norm", "‖mean of the prefixed keys‖", "rome family"),
     _c("key_cosine", "float", "cosine", "cos(k_u, k̄)", "rome family"),

@@ -85,6 +85,7 @@ class Rome(EditorBase):
         rec.log(layer=hp.layer,
                 denominator=denom,
                 denominator_consistent=float(k_bar @ u),
+                denominator_unprefixed=float(k_u @ u),
                 key_norm_unprefixed=float(k_u.norm()),
                 key_norm_prefixed=float(ks.prefixed_mean.double().norm()),
                 key_cosine=float(torch.nn.functional.cosine_similarity(k_u, k_bar, dim=0)),
