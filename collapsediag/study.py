@@ -88,6 +88,9 @@ def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out:
     return runs
 
 
+CANNOT_SAY = "cannot say"
+
+
 def demo_scan(model: nn.Module, tok: object, records: list[dict[str, Any]], size: StudySize,
               hparams: dict[str, dict] | None = None, stats_tokens: int = 100_000, cache: StatsCache | None = None,
               seed: int = 0) -> pd.DataFrame:
@@ -117,7 +120,8 @@ def _growth(run: Run) -> pd.Series:
 
 
 def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
-    """One row per finding: ``reproduced`` (True / False, None when the runs cannot say) and the numbers."""
+    """One row per finding: ``reproduced`` (True / False, or "cannot say" when the runs cannot decide) and the
+    numbers."""
     rows = []
     rome, rrome = runs.get("rome"), runs.get("r-rome")
     if rome is not None and rrome is not None:
@@ -129,7 +133,8 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
         rows.append({"finding": "(i) ROME makes disabling edits, r-ROME none",
                      "reproduced": bool(len(dr) > 0 and dq.empty),
                      "evidence": f"{told}. ROME denominator min {den_r.min():.3g} vs median {den_r.median():.3g}. "
-                                 f"r-ROME: {len(dq)} disabling edits, flagged {sorted(set(fq['edit_index']))}; "
+                                 f"r-ROME: {len(dq)} disabling edits, flagged: "
+                                 f"{', '.join(map(str, sorted(set(fq['edit_index'])))) or 'none'}; "
                                  f"denominator min {den_q.min():.3g} vs median {den_q.median():.3g}"})
     pts = []
     for name in ("rome", "r-rome", "memit"):
@@ -143,11 +148,14 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
     if "d4s" in runs and "memit" in runs:
         g_d4s, g_memit = _growth(runs["d4s"]).iloc[-1], _growth(runs["memit"]).iloc[-1]
         rho = spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
+        if not np.isfinite(rho):
+            rho_text = (f"retention never changes over the {len(pts)} checkpoints of ROME, r-ROME and MEMIT, so "
+                        f"Spearman ρ(growth, 1 − retention) is undefined")
+        else:
+            rho_text = f"Spearman ρ(growth, 1 − retention) = {rho:.2f} over {len(pts)} checkpoints of ROME, r-ROME and MEMIT"
         rows.append({"finding": "(ii) weight_l1 growth tracks forgetting; D4S keeps it bounded",
-                     "reproduced": bool(rho > 0.5 and g_d4s < g_memit) if np.isfinite(rho) else None,
-                     "evidence": f"Spearman ρ(growth, 1 − retention) = {rho:.2f} over {len(pts)} checkpoints of "
-                                 f"ROME, r-ROME and MEMIT; final growth D4S {100 * g_d4s:.2f} % vs MEMIT "
-                                 f"{100 * g_memit:.2f} %"})
+                     "reproduced": bool(rho > 0.5 and g_d4s < g_memit) if np.isfinite(rho) else CANNOT_SAY,
+                     "evidence": f"{rho_text}; final growth D4S {100 * g_d4s:+.2f} % vs MEMIT {100 * g_memit:+.2f} %"})
     memits = sorted((int(r.config.get("batch_size") or 1), r) for n, r in runs.items() if n.startswith("memit"))
     if len(memits) >= 2:
         nb = [(b, float(r.evals.dropna(subset=["neighborhood_score"])["neighborhood_score"].iloc[-1])) for b, r in memits]
@@ -161,7 +169,7 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
         collapsed = sorted(set(disabling_edits(rome)["edit_index"]))
         share_flag = float(first.loc[collapsed].mean()) if collapsed else np.nan
         rows.append({"finding": "(iv) collapse cases have the subject as the first token",
-                     "reproduced": bool(share_flag > share_all) if collapsed else None,
+                     "reproduced": bool(share_flag > share_all) if collapsed else CANNOT_SAY,
                      "evidence": f"subject first in {share_flag:.0%} of ROME's disabling edits ({len(collapsed)}) "
                                  f"vs {share_all:.0%} of all its edits" if collapsed else
                                  f"no ROME edit disabled the model; subject first in {share_all:.0%} of its edits"})

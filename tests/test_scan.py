@@ -82,6 +82,9 @@ def test_denominators_of_both_editors_from_one_scan(tiny, env_for, tmp_path):
     assert _close(got["denominator"], rows["rome"]["denominator"])
     assert _close(got["denominator_consistent"], rows["r-rome"]["denominator"])
     assert _close(got["denominator_ratio"], rows["rome"]["denominator"] / rows["r-rome"]["denominator"])
+    # both editors record k_uᵀu as denominator_unprefixed: the scan's ROME denominator
+    for editor in ("rome", "r-rome"):
+        assert _close(got["denominator"], rows[editor]["denominator_unprefixed"]), editor
 
 
 def test_scan_changes_no_parameter(tiny, env_for, tmp_path):
