@@ -536,10 +536,13 @@ def plot_risk_scan(scan_df: pd.DataFrame, confirmed: Any = None, ax: Axes | None
     of an r-ROME one. Its axis is logarithmic when the values span more than a decade (symmetric-log when
     some are ≤ 0), as its label says. ``confirmed``: collapses confirmed by applying the edit (a frame with
     ``case_id`` or ``record_index`` and optionally a boolean ``disabling``; or a set of case ids / record
-    indices), marked with a red X and labelled with their case id.
+    indices), marked with a red X and labelled with their case id. A scan of several layers (``collapsediag
+    scan --layers``) is drawn at its first layer.
     """
     ax = _ax(ax)
     df = scan_df[scan_df["status"].astype(str) == "ok"]
+    if "layer" in df.columns and df["layer"].nunique() > 1:  # a multi-layer scan: one layer per figure
+        df = df[df["layer"] == df["layer"].min()]
     if scan_df.attrs.get("editor", "rome") != "rome" and {"denominator_ratio", "denominator_consistent"} <= set(df):
         k_u = df["denominator_ratio"].to_numpy(float) * df["denominator_consistent"].to_numpy(float)
     else:
@@ -578,7 +581,7 @@ def plot_risk_scan(scan_df: pd.DataFrame, confirmed: Any = None, ax: Axes | None
         _label_points(ax, marked)
     ax.set_xlabel("cos(k_u, k̄): unprefixed vs prefix-averaged key")
     ax.set_ylabel(f"ROME denominator k_uᵀu (key units{scale})")
-    layer = scan_df.attrs.get("layer")
+    layer = int(df["layer"].iloc[0]) if "layer" in df.columns and len(df) else scan_df.attrs.get("layer")
     ax.set_title(f"Pre-edit risk scan{f', layer {layer}' if layer is not None else ''} ({len(d)} records)")
     _legend_outside(ax, extra)
     return ax

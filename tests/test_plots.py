@@ -297,3 +297,15 @@ def test_figures_command_prints_only_its_files(two_runs, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = (done.stdout + done.stderr).splitlines()
     assert len(lines) == len(list((tmp_path / "f").iterdir())), lines[:20]
+
+
+def test_risk_scan_of_several_layers_draws_the_first(tmp_path):
+    n = 6
+    one = pd.DataFrame({"status": ["ok"] * n, "denominator": np.linspace(0.02, 5, n),
+                        "key_cosine": np.linspace(0.05, 0.95, n), "subject_first_token": [True, False] * 3,
+                        "case_id": [f"c{i}" for i in range(n)], "record_index": range(n)})
+    df = pd.concat([one.assign(layer=5), one.assign(layer=7)], ignore_index=True)
+    df.attrs = {"layer": [5, 7], "editor": "rome"}
+    ax = plots.plot_risk_scan(df)
+    points = sum(len(c.get_offsets()) for c in ax.collections)
+    assert points == n and "layer 5" in ax.get_title()
