@@ -108,7 +108,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .models import load_config, load_model, n_layers
     from .report import format_report
     from .session import EditSession
-    from .stats import StatsCache, TextCorpus
+    from .stats import StatsCache
     from .store import load_run
 
     resuming = args.resume and (pathlib.Path(args.out) / "config.json").exists()
@@ -127,7 +127,7 @@ def run_command(args: argparse.Namespace) -> int:
     if editor is not None:
         check_layers(editor.layers(), n_layers(load_config(args.model)), args.model)
     model, tok = load_model(args.model)
-    corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
+    corpus = _corpus(args)
     cache = StatsCache(args.cache_dir)
     if resuming:
         session = EditSession.resume(args.out, model, tok, records, cache=cache, corpus=corpus)
@@ -169,18 +169,19 @@ def scan_command(args: argparse.Namespace) -> int:
     from .models import load_config, load_model, n_layers
     from .report import readable
     from .scan import scan, write_scan
-    from .stats import StatsCache, TextCorpus
+    from .stats import StatsCache
 
     if pathlib.Path(args.out).suffix.lower() not in (".csv", ".parquet"):
         raise CollapseDiagError(f"--out must end in .csv or .parquet, got {args.out!r}")
     records = check_records(load_data(args.data, args.n_edits), args.data, warn=False)  # scan warns itself
     check_layers(args.layers, n_layers(load_config(args.model)), args.model)
     model, tok = load_model(args.model)
-    corpus = TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
-    frames = []
-    for layer in args.layers:
+    corpus, cache = _corpus(args), StatsCache(args.cache_dir)
+    frames: list[pd.DataFrame] = []
+    for layer in args.layers:  # the context templates do not depend on the layer: generated once
         df = scan(model, tok, records, layer, editor=args.editor, corpus=corpus, stats_tokens=args.stats_tokens,
-                  cache=StatsCache(args.cache_dir), seed=args.seed, batch_size=args.batch_size)
+                  cache=cache, seed=args.seed, batch_size=args.batch_size,
+                  templates=frames[0].attrs["context_templates"] if frames else None)
         frames.append(df.assign(layer=layer))
     df = pd.concat(frames, ignore_index=True).sort_values(["risk_rank", "layer"], kind="stable")
     df = df.reset_index(drop=True)
@@ -241,12 +242,12 @@ def report_command(args: argparse.Namespace) -> int:
 
 def figures_command(args: argparse.Namespace) -> int:
     """``collapsediag figures DIR [DIR ...] --out figures/``: every figure as PNG and PDF."""
+    import pandas as pd
+
     from .analysis import disabling_edits
     from .plots import write_figures
     from .scan import read_scan
     from .store import load_run
-
-    import pandas as pd
 
     runs = [load_run(d) for d in args.dirs]
     disabling = {r.path.name: disabling_edits(r) for r in runs}
@@ -265,6 +266,7 @@ def demo_command(args: argparse.Namespace) -> int:
     import time
 
     from .data import own_facts
+    from .editors.rome import Rome
     from .models import load_model
     from .plots import write_figures
     from .report import format_report, markdown_table, readable
@@ -296,7 +298,7 @@ def demo_command(args: argparse.Namespace) -> int:
           f"denominator = ROME's k_uᵀu, denominator_consistent = r-ROME's k̄ᵀu):")
     print(readable(risk[cols].head(6)).to_string(index=False) + "\n")
     runs = run_study(model, tok, facts, out, size, hparams=hparams, stats_tokens=args.stats_tokens,
-                     cache=cache, seed=args.seed)
+                     cache=cache, seed=args.seed, templates={Rome.context_lengths: risk.attrs["context_templates"]})
     disabling = disabling_by_run(runs)
     figures = write_figures(list(runs.values()), figures_dir, scan=risk, disabling=disabling,
                             confirmed=disabling.get("rome"))
@@ -310,6 +312,28 @@ def demo_command(args: argparse.Namespace) -> int:
     print(f"\nFindings ({args.size} study, {size.n_edits} edits per run, {time.perf_counter() - t0:.0f} s):")
     print(table)
     return 0
+
+
+def _model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
+
+
+def _stats_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:
+    """Where the key statistics come from and where they are cached."""
+    if corpus:
+        p.add_argument("--stats-corpus", default=None,
+                       help="text file for the key statistics C = E[kkᵀ] (default: the packaged corpus)")
+    p.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
+    p.add_argument("--cache-dir", default=None,
+                   help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
+
+
+def _corpus(args: argparse.Namespace) -> object:
+    """The ``--stats-corpus`` text (default: the packaged corpus)."""
+    from .stats import TextCorpus
+
+    return TextCorpus.from_file(args.stats_corpus) if args.stats_corpus else TextCorpus.packaged()
 
 
 def _common_options(in_subcommand: bool) -> argparse.ArgumentParser:
@@ -335,8 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a sequence of edits and save every signal", parents=[common],
                        formatter_class=_Formatter, epilog=EXAMPLES,
                        description="Edit a model fact by fact (or in batches) and save every signal to --out.")
-    r.add_argument("--model", default="smollm2-135m",
-                   help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
+    _model_option(r)
     r.add_argument("--editor", default=None,
                    help=f"one of: {editors_help()}. Taken from the run with --resume (required otherwise)")
     r.add_argument("--data", default=None,
@@ -364,19 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="override an editor hyper-parameter, repeatable (e.g. v_num_grad_steps=25; "
                         "default: the editor's defaults)")
-    r.add_argument("--stats-corpus", default=None,
-                   help="text file for the key statistics C = E[kkᵀ] (default: the packaged corpus)")
-    r.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
-    r.add_argument("--cache-dir", default=None,
-                   help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
+    _stats_options(r)
     r.set_defaults(func=run_command)
 
     sc = sub.add_parser("scan", help="pre-edit risk scan: ROME's denominators and key geometry of every record, "
                                      "no edit made", parents=[common], formatter_class=_Formatter,
                         description="Rank records by the risk that a ROME edit disables the model, from their keys "
                                     "alone (same statistics, context templates and key code as a run).")
-    sc.add_argument("--model", default="smollm2-135m",
-                    help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
+    _model_option(sc)
     sc.add_argument("--data", required=True, help="counterfact:PATH, zsre:PATH, facts:PATH or own")
     sc.add_argument("--layers", type=int, nargs="+", required=True, help="layer(s) to scan, 0-based")
     sc.add_argument("--editor", default="rome", choices=["rome", "r-rome"],
@@ -386,11 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0, help="seed of the context templates (as a run with that seed)")
     sc.add_argument("--batch-size", type=positive_int, default=128, help="sequences per forward")
     sc.add_argument("--top", type=nonnegative_int, default=10, help="rows of the risk table to print")
-    sc.add_argument("--stats-corpus", default=None,
-                    help="text file for the key statistics C = E[kkᵀ] (default: the packaged corpus)")
-    sc.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
-    sc.add_argument("--cache-dir", default=None,
-                    help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
+    _stats_options(sc)
     sc.set_defaults(func=scan_command)
 
     rp = sub.add_parser("report", help="summary, flagged edits and forgetting phases of saved runs",
@@ -409,11 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     fg.set_defaults(func=figures_command)
 
     d = sub.add_parser("demo", help="the study: a risk scan of the own facts, then ROME, r-ROME, MEMIT (sequential "
-                                    "and batched) and D4S on the embedded model, with figures and findings", parents=[common], formatter_class=_Formatter,
+                                    "and batched) and D4S on the embedded model, with figures and findings",
+                       parents=[common], formatter_class=_Formatter,
                        description="The demo study on the embedded model and the project's own facts.")
     d.add_argument("--size", choices=["small", "full"], default="small",
                    help="small: 8 edits per run (about 12 min on 2 cores); full: 48")
-    d.add_argument("--model", default="smollm2-135m", help="Hugging Face name or path (default: the embedded model)")
+    _model_option(d)
     d.add_argument("--hparams", default=None,
                    help='JSON object or file: {"memit": {"layers": [3, 4]}, ...} (default: each editor\'s own)')
     d.add_argument("--out", default="runs/demo", help="folder for the runs and the findings")
@@ -422,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "regenerate the committed ones with --figures figures)")
     d.add_argument("--n-edits", type=positive_int, default=None, help="edits per run (default: the size's)")
     d.add_argument("--seed", type=int, default=0, help="seed of every run")
-    d.add_argument("--stats-tokens", type=positive_int, default=100_000, help="tokens of key statistics")
-    d.add_argument("--cache-dir", default=None,
-                   help="statistics cache (default: $COLLAPSEDIAG_CACHE or ~/.cache/collapsediag)")
+    _stats_options(d, corpus=False)
     d.set_defaults(func=demo_command)
     return p
 
