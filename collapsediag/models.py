@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -106,8 +107,8 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as exc:
-        close = difflib.get_close_matches(name_or_path.lower(), BUILTIN, n=1, cutoff=0.6)
-        hint = f" Did you mean {close[0]!r}? Built-in: {', '.join(BUILTIN)}." if close else ""
+        close = _nearest_builtin(name_or_path)
+        hint = f" Did you mean {close!r}? Built-in: {', '.join(BUILTIN)}." if close else ""
         raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {exc}{hint}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
@@ -155,21 +156,34 @@ def hub_offline() -> bool:
             return True
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return False  # behind a proxy a direct connection says nothing: let the hub client try
+    return not _reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@functools.lru_cache(maxsize=None)
+def _reachable(url: str) -> bool:
+    """One TCP connection to ``url``'s host (3 s timeout), made once per process: the config check and the
+    model load that follows it ask the same question."""
     from urllib.parse import urlparse
 
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    endpoint = urlparse(url)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=3):
-            return False
+            return True
     except OSError:
-        return True
+        return False
+
+
+def _nearest_builtin(name: str) -> str | None:
+    """The built-in name closest to a typo of it, if any is close."""
+    close = difflib.get_close_matches(name.lower(), BUILTIN, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def unknown_model_message(name: str) -> str:
     """Why ``name`` cannot load offline, with the built-in names and the nearest one to a typo."""
-    close = difflib.get_close_matches(name.lower(), BUILTIN, n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = _nearest_builtin(name)
+    hint = f" Did you mean {close!r}?" if close else ""
     return (f"model {name!r} is not a built-in name, a local path, or in the Hugging Face cache, and the hub "
             f"cannot be reached (offline).{hint} Built-in: {', '.join(BUILTIN)}. A local path to a saved "
             f"model folder (config.json and weights) works too.")
