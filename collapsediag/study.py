@@ -17,15 +17,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy.stats import spearmanr
 from torch import nn
-from .progress import progress_bar
 
-from .analysis import disabling_edits, flag_disabling_edits
+from .analysis import COLLAPSE_RATIO, disabling_edits, flag_disabling_edits
 from .editors import get_editor
 from .editors.target import TargetCache
 from .fluency import GENERATION_PROMPTS, heldout_texts
+from .progress import progress_bar
 from .session import EditSession
 from .stats import StatsCache, TextCorpus
 from .store import Run, load_run
@@ -56,14 +55,17 @@ def study_plan(size: StudySize) -> list[tuple[str, str, int]]:
 def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike,
               size: StudySize, hparams: dict[str, dict] | None = None, stats_tokens: int = 100_000,
               corpus: TextCorpus | None = None, cache: StatsCache | None = None, seed: int = 0,
-              progress: bool = True) -> dict[str, Run]:
-    """Make every run of ``study_plan`` under ``out`` (each starting from the unedited model); returns them."""
+              progress: bool = True, templates: dict[tuple, list[str]] | None = None) -> dict[str, Run]:
+    """Make every run of ``study_plan`` under ``out`` (each starting from the unedited model); returns them.
+
+    ``templates``: context templates already generated with ``seed``, keyed by the editors' context lengths
+    (e.g. a risk scan's); the rest are generated once per key and shared by the runs."""
     out = pathlib.Path(out)
     records = records[:size.n_edits]
     texts = heldout_texts(max_passages=size.eval_passages)
     prompts = list(GENERATION_PROMPTS[:size.generation_prompts])
     targets = TargetCache()
-    templates: dict[tuple, list[str]] = {}
+    templates = dict(templates or {})
     runs = {}
     plan = study_plan(size)
     bar = progress_bar(plan, desc="study", unit="run", disable=not progress)
@@ -99,14 +101,13 @@ def demo_scan(model: nn.Module, tok: object, records: list[dict[str, Any]], size
     from .scan import scan
 
     layer = int(get_editor("rome", (hparams or {}).get("rome", {})).hparams.layer)
-    torch.manual_seed(seed)
     df = scan(model, tok, records, layer, corpus=TextCorpus.packaged(), stats_tokens=stats_tokens, cache=cache,
               seed=seed)
     df["in_demo"] = df["record_index"] < size.n_edits
     return df
 
 
-def disabling_by_run(runs: dict[str, Run], perplexity_ratio: float = 2.0) -> dict[str, pd.DataFrame]:
+def disabling_by_run(runs: dict[str, Run], perplexity_ratio: float = COLLAPSE_RATIO) -> dict[str, pd.DataFrame]:
     """Each run's disabling edits (perplexity ×``perplexity_ratio`` right after the edit), by run name."""
     return {name: disabling_edits(run, perplexity_ratio) for name, run in runs.items()}
 

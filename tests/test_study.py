@@ -59,6 +59,8 @@ def test_demo_command_writes_runs_figures_and_findings(tok, tmp_path, capsys):
 
     risk = read_scan(tmp_path / "runs" / "scan.csv")
     assert risk["risk_rank"].is_monotonic_increasing and risk["in_demo"].sum() == 4
+    rome_config = json.loads((tmp_path / "runs" / "rome" / "config.json").read_text())
+    assert rome_config["context_templates"] == risk.attrs["context_templates"]  # generated once, shared
     assert (tmp_path / "runs" / "figures" / "risk_scan.png").exists()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == [
         "d4s", "figures", "memit", "memit-batch4", "r-rome", "rome"]
