@@ -8,6 +8,7 @@ import pathlib
 import sys
 from typing import Any
 
+from .checkpoints import DEFAULT_SAMPLE
 from .errors import CollapseDiagError
 
 log = logging.getLogger("collapsediag")
@@ -137,7 +138,7 @@ def run_command(args: argparse.Namespace) -> int:
         batch_size = len(records) if args.mode == "batch" else (args.batch_size or 1)
         session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
-                              eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
+                              retention_sample=args.retention_sample, eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
                               templates=None if args.context is None else _templates(model, tok, args),
                               config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
                                       "batch_size": batch_size, "stats_corpus": corpus.name,
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of the context templates, v* and generations")
     r.add_argument("--eval-every", type=nonnegative_int, default=0,
                    help="re-test earlier edits and measure perplexity every K edits and at the end (0: never)")
+    r.add_argument("--retention-sample", type=nonnegative_int, default=DEFAULT_SAMPLE, metavar="M",
+                   help="a checkpoint re-tests every edit since the previous one plus at most M older ones, "
+                        "seeded (0: every earlier edit)")
     r.add_argument("--eval-text", default=None,
                    help="held-out text file for perplexity (default: the packaged held-out passages)")
     r.add_argument("--context", type=nonnegative_int, default=None,

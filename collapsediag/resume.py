@@ -153,6 +153,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
                   seed=cfg["seed"], eval_every=eval_every, eval_texts=eval_texts,
                   generation_prompts=cfg.get("generation_prompts", GENERATION_PROMPTS),
                   generation_tokens=cfg.get("generation_tokens", 64), diagnostics=cfg.get("diagnostics", True),
+                  retention_sample=int(cfg.get("retention_sample") or 0),  # runs before sampling tested all
                   progress=progress, _resume=True)
     session.config = cfg
 

@@ -73,6 +73,17 @@ LAYERS = [
        "writes an update several times the matrix's own norm)"),
     _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
     _c("drift_l1", "float", "mean |w|", "‖W − W₀‖₁ / numel(W) (D4S's delta_nom_1: the total change so far)"),
+    _c("weight_sigma1", "float", "norm", "σ₁(W): spectral norm of the edited matrix after the update (warm-started "
+       "subspace iteration, relative tolerance 1e-5)"),
+    _c("weight_sigma1_ratio", "float", "ratio", "σ₁(W) / σ₁(W₀): spectral-norm growth since the unedited weights"),
+    _c("drift_sigma1", "float", "norm", "σ₁(W − W₀): largest singular value of the accumulated change"),
+    _c("drift_concentration", "float", "ratio",
+       "σ₁(W − W₀) / ‖W − W₀‖_F (1: the whole change is one direction; null before any change)"),
+    _c("drift_entropy", "float", "nats",
+       "spectral entropy of W − W₀ over its top 8 singular values, pᵢ = σᵢ²/Σⱼσⱼ² (0: one direction; at most "
+       "log 8 = 2.08)"),
+    _c("weight_condition", "float", "ratio",
+       "cond(W) = σ_max/σ_min of the edited matrix (PRUNE); only on the last batch before a checkpoint"),
     _c("denominator", "float", "key units",
        "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "
        "n×n matrix KᵀA⁻¹K (MEMIT: A = λC + KKᵀ; D4S: A = λC + ΣKKᵀ), D (EMMET), or K̃ᵀG⁻¹K̃ with K̃ = UᵀK "
@@ -91,7 +102,12 @@ LAYERS = [
     _c("key_mahalanobis_prefixed", "float", "norm", "√(k_pᵀ C⁻¹ k_p), k_p = mean prefixed key", "rome family"),
     _c("v_delta_norm", "float", "norm", "‖δ‖ = ‖v* − v_init‖"),
     _c("v_delta_ratio", "float", "ratio", "‖δ‖ / ‖v_init‖ (the clamp caps it)"),
+    _c("v_star_norm", "float", "norm", "‖v*‖ = ‖v_init + δ‖: norm of the target value (batched: mean over the batch)"),
+    _c("v_star_ratio", "float", "ratio", "‖v*‖ / ‖v_init‖ (batched: mean over the batch); its growth over a run is "
+       "the value-norm feedback loop"),
     _c("v_steps", "int", "steps", "gradient steps taken by the target optimisation"),
+    _c("v_mpes_step", "float", "steps", "step at which most-probable early stopping ended the target optimisation "
+       "(hparam `mpes`; batched: mean over the batch's edits where it fired; null where it did not)"),
     _c("v_loss", "float", "nats", "final loss of the target optimisation (NLL + KL + decay)"),
     _c("v_nll", "float", "nats", "final mean target NLL over the prefixed prompts"),
     _c("v_kl", "float", "nats", "final weighted KL term"),
@@ -110,7 +126,9 @@ EVALS = [
     _c("n_edits", "int", "count", "edits applied so far"),
     _c("n_retention", "int", "count",
        "rows this checkpoint wrote to `retention` (resume checks them; absent in runs written before it existed)"),
-    _c("retention", "float", "fraction", "share of earlier successful edits still successful"),
+    _c("n_done", "int", "count", "successful edits before this checkpoint (the retention rows test all of them "
+       "when `retention_sample` is 0 or larger than the older ones)"),
+    _c("retention", "float", "fraction", "share of the re-tested successful edits still successful"),
     _c("efficacy", "float", "fraction", "efficacy over earlier edits"),
     _c("paraphrase_score", "float", "fraction", "paraphrase score over earlier edits"),
     _c("neighborhood_score", "float", "fraction", "neighborhood score over earlier edits"),
@@ -126,6 +144,8 @@ RETENTION = [
     _c("p_new", "float", "probability", "p of ` target_new` at the checkpoint"),
     _c("p_true", "float", "probability", "p of ` target_true` at the checkpoint"),
     _c("success", "bool", "-", "p_new > p_true at the checkpoint"),
+    _c("recent", "bool", "-", "edited since the previous checkpoint (always re-tested); false: one of the at most "
+       "`retention_sample` older edits drawn for this checkpoint (config `retention_sample`; 0 = all)"),
 ]
 
 EDITS, LAYERS, EVALS, RETENTION = (_table(n, t) for n, t in

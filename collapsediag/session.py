@@ -24,20 +24,17 @@ from .editors.base import EditEnv
 from .editors.context import generate_templates
 from .editors.target import TargetCache
 from .errors import CollapseDiagError, ModeError
-from .evaluate import request_probs, request_scores, success_share, target_probs
-from .fluency import GENERATION_PROMPTS, generation_entropy, heldout_texts, perplexity
+from .checkpoints import DEFAULT_SAMPLE
+from .evaluate import request_probs, request_scores
+from .fluency import GENERATION_PROMPTS, heldout_texts
 from .models import model_fingerprint, model_name
 from .progress import progress_bar
 from .recorder import NullRecorder, Recorder
 from .requests import EditRequest
+from .spectral import SpectralTracker
 from .stats import LayerStats, StatsCache, TextCorpus
 from .store import RunWriter
 from .tokens import first_content_index, subject_span
-
-
-def _mean(values: list[float]) -> float:
-    vals = [v for v in values if not np.isnan(v)]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 def _versions() -> dict[str, str]:
@@ -84,6 +81,8 @@ class EditSession:
     stats : key statistics per layer; computed from ``corpus`` through ``cache`` if omitted.
     templates : context templates; generated from the unedited model with ``seed`` if omitted.
     diagnostics : False records only the edits table (no per-layer signals).
+    retention_sample : a checkpoint re-tests every edit since the previous one plus at most this many older
+        ones, seeded (0 = every earlier edit); keeps checkpoints' cost flat in long runs.
     target_cache : a ``TargetCache`` shared with other sessions on the same model, so a target (v*, z)
         computed in one run is reused by another when the weights are the same (e.g. batch runs and D4S,
         which all start from W₀).
@@ -96,7 +95,7 @@ class EditSession:
                  eval_every: int = 0, eval_texts: list[str] | None = None,
                  generation_prompts: list[str] | tuple[str, ...] = GENERATION_PROMPTS, generation_tokens: int = 64,
                  config: dict[str, Any] | None = None, progress: bool = True, target_cache: TargetCache | None = None,
-                 _resume: bool = False) -> None:
+                 retention_sample: int = DEFAULT_SAMPLE, _resume: bool = False) -> None:
         self.model, self.tok, self.editor = model, tok, editor
         self.arch = arch or arch_for(model)
         self.layers = editor.layers()
@@ -110,6 +109,9 @@ class EditSession:
         self.env = EditEnv(arch=self.arch, stats=stats, templates=templates, seed=seed, target_cache=target_cache)
         self.diagnostics = diagnostics
         self.eval_every = int(eval_every)
+        if retention_sample < 0:
+            raise ValueError(f"retention_sample must be 0 or more, got {retention_sample}")
+        self.retention_sample = int(retention_sample)
         self.eval_texts = eval_texts if eval_texts is not None else (heldout_texts() if eval_every else [])
         self.generation_prompts = list(generation_prompts)
         self.generation_tokens = generation_tokens
@@ -118,6 +120,7 @@ class EditSession:
         self.w0 = {layer: weight_matrix(get_module(model, self.arch.rewrite_name(layer))).detach().clone()
                    for layer in self.layers}
         self.env.initial = self.w0
+        self.spectra: dict[int, SpectralTracker] = {}  # per layer, warm-started from edit to edit
         self.n_edits = 0
         self.n_batches = 0
         self.edits: list[dict[str, Any]] = []
@@ -140,7 +143,8 @@ class EditSession:
             "hparams": self.editor.hparams.to_dict(), "layers": self.layers, "seed": self.env.seed,
             "context_templates": self.env.templates,
             "stats": {str(k): v.identity for k, v in self.env.stats.items()},
-            "eval_every": self.eval_every, "generation_prompts": self.generation_prompts,
+            "eval_every": self.eval_every, "retention_sample": self.retention_sample,
+            "generation_prompts": self.generation_prompts,
             "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
             "diagnostics": self.diagnostics,
             "padding_side": getattr(self.tok, "padding_side", None), "versions": _versions(),
@@ -200,7 +204,8 @@ class EditSession:
                     res["efficacy"] = bool(res["p_new_after"] > res["p_true_after"])
                     res.update(request_scores(self.model, self.tok, req))
                     after.append(res)
-                layer_rows = self._layer_rows(start + len(records) - 1, batch, deltas, rec) \
+                due = bool(self.eval_every) and start // self.eval_every != (start + len(records)) // self.eval_every
+                layer_rows = self._layer_rows(start + len(records) - 1, batch, deltas, rec, due) \
                     if self.diagnostics else []
                 state = self.editor.commit()
                 for (row, req), res in zip(todo, after):
@@ -274,51 +279,12 @@ class EditSession:
         return rows
 
     def checkpoint(self) -> dict[str, Any]:
-        """Re-test every earlier edit and measure perplexity and generation entropy; returns the evals row."""
-        t0 = time.perf_counter()
-        index = self.n_edits - 1
-        done = [i for i in sorted(self.requests) if self.edits[i]["status"] == "ok"]
-        reqs = [self.requests[i] for i in done]
-        prompts, targets, owner, kinds = [], [], [], []
-        for j, r in enumerate(reqs):
-            if not r.target_true:
-                continue
-            for kind, texts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts),
-                                ("neighborhood", r.neighborhood_prompts)):
-                for t in texts:
-                    t = t.format(r.subject) if "{}" in t else t
-                    prompts += [t, t]
-                    targets += [r.target_new, r.target_true]
-                    owner.append(j)
-                    kinds.append(kind)
-        p = target_probs(self.model, self.tok, prompts, targets) if prompts else np.empty(0)
-        p_new, p_true = p[0::2], p[1::2]
-        owner_a, kinds_a = np.array(owner, dtype=int), np.array(kinds)
-        retention_rows, per_kind = [], {"rewrite": [], "paraphrase": [], "neighborhood": []}
-        still_ok = []
-        for j, i in enumerate(done):
-            for kind in per_kind:
-                sel = (owner_a == j) & (kinds_a == kind)
-                if sel.any():
-                    per_kind[kind].append(success_share(p_new[sel], p_true[sel], kind != "neighborhood"))
-            sel = (owner_a == j) & (kinds_a == "rewrite")
-            if sel.any():
-                k = int(np.flatnonzero(sel)[0])
-                success = bool(p_new[k] > p_true[k])
-                retention_rows.append({"checkpoint": index, "edit_index": i, "case_id": self.edits[i]["case_id"],
-                                       "p_new": float(p_new[k]), "p_true": float(p_true[k]), "success": success})
-                if self.edits[i].get("efficacy"):
-                    still_ok.append(success)
-        row = {"edit_index": index, "n_edits": self.n_edits, "n_retention": len(retention_rows),
-               "retention": float(np.mean(still_ok)) if still_ok else float("nan"),
-               "efficacy": _mean(per_kind["rewrite"]), "paraphrase_score": _mean(per_kind["paraphrase"]),
-               "neighborhood_score": _mean(per_kind["neighborhood"]),
-               "perplexity": perplexity(self.model, self.tok, self.eval_texts) if self.eval_texts else float("nan"),
-               "generation_entropy": generation_entropy(self.model, self.tok, self.generation_prompts,
-                                                        self.generation_tokens, seed=self.env.seed + index)
-               if self.generation_prompts else float("nan")}
-        row["seconds"] = time.perf_counter() - t0
-        self.checkpoints.append(index)
+        """Re-test the edits since the last checkpoint and a seeded sample of older ones (``retention_sample``),
+        and measure perplexity and generation entropy; returns the evals row (``collapsediag.checkpoints``)."""
+        from .checkpoints import run_checkpoint
+
+        row, retention_rows = run_checkpoint(self)
+        self.checkpoints.append(row["edit_index"])
         if self.writer is not None:
             self.writer.append("retention", retention_rows)
             self.writer.append("evals", [row])
@@ -355,7 +321,10 @@ class EditSession:
         p_new, p_true = request_probs(self.model, self.tok, req)
         return {f"p_new_{when}": p_new, f"p_true_{when}": p_true}
 
-    def _layer_rows(self, index: int, batch: int, deltas: list[Delta], rec: Recorder) -> list[dict[str, Any]]:
+    def _layer_rows(self, index: int, batch: int, deltas: list[Delta], rec: Recorder,
+                    checkpoint: bool = False) -> list[dict[str, Any]]:
+        """One ``layers`` row per edited layer: norms, drift, the spectral signals (``cond(W)`` only when a
+        checkpoint follows this batch) and what the editor logged."""
         _, logged = rec.pop()
         rows = []
         for d in deltas:
@@ -368,6 +337,12 @@ class EditSession:
                    "update_ratio": float(dw.norm() / (w - dw).norm().clamp_min(1e-30)),
                    "drift_fro": float((w - self.w0[d.layer]).norm() / n),
                    "drift_l1": float((w - self.w0[d.layer]).abs().sum() / n)}
+            tracker = self.spectra.get(d.layer)
+            if tracker is None:
+                tracker = self.spectra[d.layer] = SpectralTracker(self.w0[d.layer])
+            row.update(tracker.update(w))
+            if checkpoint:
+                row["weight_condition"] = tracker.condition(w)
             row.update(logged.get(d.layer, {}))
             stats = self.env.stats.get(d.layer)
             if stats is not None and "condition" not in row:  # the editor's own matrix takes precedence

@@ -7,11 +7,12 @@ from ..errors import CollapseDiagError
 from .base import AppliedDeltas, Delta, EditEnv, Editor, HParams, apply_deltas
 from .alphaedit import AlphaEdit, AlphaEditHParams
 from .d4s import D4s, D4sHParams
+from .encore import Encore, EncoreHParams
 from .memit import Emmet, EmmetHParams, Memit, MemitHParams
 from .rome import Rome, RomeHParams, RRome
 
 EDITORS: dict[str, type] = {"rome": Rome, "r-rome": RRome, "memit": Memit, "emmet": Emmet, "d4s": D4s,
-                            "alphaedit": AlphaEdit}
+                            "alphaedit": AlphaEdit, "encore": Encore}
 
 
 def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
@@ -25,5 +26,5 @@ def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
 
 
 __all__ = ["EDITORS", "AlphaEdit", "AlphaEditHParams", "AppliedDeltas", "D4s", "D4sHParams", "Delta", "EditEnv",
-           "Editor", "Emmet", "EmmetHParams", "HParams", "Memit", "MemitHParams", "Rome", "RomeHParams", "RRome",
+           "Editor", "Emmet", "Encore", "EncoreHParams", "EmmetHParams", "HParams", "Memit", "MemitHParams", "Rome", "RomeHParams", "RRome",
            "apply_deltas", "get_editor"]

@@ -18,7 +18,7 @@ from ..errors import EditError
 from ..linalg import spd_condition
 from ..stats import LayerStats
 from .base import EditEnv
-from .memit import AccumulatingMemit, BatchHParams
+from .memit import KeySumMemit, BatchHParams
 
 
 @dataclass
@@ -57,7 +57,7 @@ def alphaedit_solve(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tensor
                               "cache_trace": float(kk.trace())}
 
 
-class AlphaEdit(AccumulatingMemit):
+class AlphaEdit(KeySumMemit):
     """AlphaEdit: null-space-projected batched updates with the keys of earlier batches accumulated."""
 
     name: ClassVar[str] = "alphaedit"
@@ -65,7 +65,6 @@ class AlphaEdit(AccumulatingMemit):
 
     def __init__(self, hparams: AlphaEditHParams | None = None) -> None:
         super().__init__(hparams)
-        self.cache: dict[int, torch.Tensor] = {}  # layer -> Σ K_p K_pᵀ of committed batches
         self._basis: dict[int, torch.Tensor] = {}
 
     def basis(self, layer: int, env: EditEnv) -> torch.Tensor:
@@ -82,12 +81,6 @@ class AlphaEdit(AccumulatingMemit):
         if kk is None:
             kk = torch.zeros(d_in, d_in, dtype=torch.float64, device=keys.device)
         out = alphaedit_solve(keys, resid, self.basis(layer, env), kk, self.hparams.l2)
-        self._pending[layer] = {"keys": keys}
+        self._hold(layer, keys)
         return out
 
-    def _fold(self, layer: int, keys: torch.Tensor) -> None:
-        prev = self.cache.get(layer)
-        self.cache[layer] = keys @ keys.T if prev is None else prev + keys @ keys.T
-
-    def _clear(self) -> None:
-        self.cache = {}

@@ -21,7 +21,7 @@ from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, EditorBase, HParams, apply_deltas
 from .keys import keys_at_subject, outputs_at_subject
-from .target import TargetSettings, target_for
+from .target import TargetSettings, mpes_count, target_for, target_signals
 
 
 @dataclass
@@ -34,11 +34,13 @@ class BatchHParams(HParams):
     z_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
+    mpes: int = 0  # most-probable early stopping after |mpes| all-argmax steps (ENCORE: -k); 0 = off
 
     def target_settings(self) -> TargetSettings:
         """The shared target-optimisation settings."""
         return TargetSettings(steps=self.z_num_grad_steps, lr=self.z_lr, weight_decay=self.z_weight_decay,
-                              clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor)
+                              clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                              mpes=mpes_count(self.mpes))
 
 
 @dataclass
@@ -64,18 +66,23 @@ class EmmetHParams(BatchHParams):
 
 
 def memit_solve(keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam: float,
-                eigh: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+                eigh: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                extra: torch.Tensor | None = None, name: str = "MEMIT matrix λC + KKᵀ"
                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """MEMIT's least squares: ΔW = R (A⁻¹K)ᵀ with A = λC + KKᵀ; returns (left=R, right=A⁻¹K, diagnostics).
+    """MEMIT's least squares: ΔW = R (A⁻¹K)ᵀ with A = λC + KKᵀ (+ ``extra``); returns (left=R, right=A⁻¹K,
+    diagnostics).
 
     keys [d_in, n], resid [d_out, n], mom2 [d_in, d_in]; float64 throughout. ``eigh`` gives C's
     eigendecomposition QΛQᵀ (``LayerStats.eigh``): then κ(A) is that of λΛ + (QᵀK)(QᵀK)ᵀ, found with
-    O(d·n) products instead of O(d²) ones.
+    O(d·n) products instead of O(d²) ones (only without ``extra``, e.g. ENCORE's λ_nI + ΣK_pK_pᵀ).
     """
     a = lam * mom2 + keys @ keys.T
+    if extra is not None:
+        a = a + extra
+        eigh = None
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0:
-        raise EditError(None, "MEMIT matrix λC + KKᵀ is not positive definite")
+        raise EditError(None, f"{name} is not positive definite")
     adj = torch.cholesky_solve(keys, chol)
     schur = keys.T @ adj
 
@@ -169,11 +176,7 @@ class Memit(EditorBase):
         finally:
             for a in reversed(applied):
                 a.revert()
-        n = len(targets)
-        rec.log(layer=layers[-1], v_delta_norm=sum(float(t.delta.norm()) for t in targets) / n,
-                v_delta_ratio=sum(float(t.delta.norm() / t.init.norm()) for t in targets) / n,
-                v_steps=sum(t.steps for t in targets) / n, v_loss=sum(t.loss for t in targets) / n,
-                v_nll=sum(t.nll for t in targets) / n, v_kl=sum(t.kl for t in targets) / n)
+        rec.log(layer=layers[-1], **target_signals(targets))
         return deltas
 
 
@@ -223,6 +226,26 @@ class AccumulatingMemit(Memit):
             by_layer.setdefault(int(layer), {})[name] = torch.from_numpy(value).double().to(device)
         for layer, layer_arrays in by_layer.items():
             self._fold(layer, **layer_arrays)
+
+
+class KeySumMemit(AccumulatingMemit):
+    """MEMIT's loop for methods that keep Σ K_p K_pᵀ over committed batches per layer (AlphaEdit, ENCORE,
+    MEMIT-seq): ``solve`` reads ``self.cache.get(layer)`` and calls ``_hold(layer, keys)``."""
+
+    def __init__(self, hparams: HParams | None = None) -> None:
+        super().__init__(hparams)
+        self.cache: dict[int, torch.Tensor] = {}  # layer -> Σ K_p K_pᵀ of committed batches
+
+    def _hold(self, layer: int, keys: torch.Tensor) -> None:
+        """This batch's keys join the sum when the session commits the update."""
+        self._pending[layer] = {"keys": keys}
+
+    def _fold(self, layer: int, keys: torch.Tensor) -> None:
+        prev = self.cache.get(layer)
+        self.cache[layer] = keys @ keys.T if prev is None else prev + keys @ keys.T
+
+    def _clear(self) -> None:
+        self.cache = {}
 
 
 class Emmet(Memit):

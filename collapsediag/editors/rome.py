@@ -19,7 +19,7 @@ from ..requests import EditRequest
 from .base import Delta, EditEnv, EditorBase, HParams
 from .context import DEFAULT_LENGTHS
 from .keys import keys_at_subject
-from .target import TargetSettings, target_for
+from .target import TargetSettings, mpes_count, target_for, target_signals
 
 
 @dataclass
@@ -33,11 +33,13 @@ class RomeHParams(HParams):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
+    mpes: int = 0  # most-probable early stopping after |mpes| all-argmax steps (ENCORE: -k); 0 = off
 
     def target_settings(self) -> TargetSettings:
         """The shared target-optimisation settings."""
         return TargetSettings(steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                              clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor)
+                              clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                              mpes=mpes_count(self.mpes))
 
 
 class Rome(EditorBase):
@@ -92,12 +94,7 @@ class Rome(EditorBase):
                 key_mahalanobis_unprefixed=float((k_u @ solve(k_u)).clamp_min(0).sqrt()),
                 key_mahalanobis_prefixed=float((ks.prefixed_mean.double() @ solve(ks.prefixed_mean.double()))
                                                .clamp_min(0).sqrt()),
-                v_delta_norm=float(target.delta.norm()),
-                v_delta_ratio=float(target.delta.norm() / target.init.norm()),
-                v_steps=target.steps,
-                v_loss=target.loss,
-                v_nll=target.nll,
-                v_kl=target.kl)
+                **target_signals([target]))
         return [Delta(module=name, layer=hp.layer, left=right_vec.to(w.dtype)[:, None],
                       right=u.to(w.dtype)[:, None])]
 

@@ -43,6 +43,14 @@ class TargetSettings:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
+    mpes: int = 0  # most-probable early stopping (ENCORE): stop once |mpes| steps had every target token argmax
+
+
+def mpes_count(value: int | float) -> int:
+    """MPES's step count from a setting written either way (ENCORE's prob_cutoff −k, or k); 0 = off."""
+    if value != int(value):
+        raise ValueError(f"mpes must be a whole number of steps (ENCORE writes it −k), got {value}")
+    return abs(int(value))
 
 
 @dataclass
@@ -55,6 +63,7 @@ class TargetResult:
     loss: float
     nll: float
     kl: float
+    mpes_step: int | None = None  # the step at which most-probable early stopping ended the optimisation
 
     @property
     def target(self) -> torch.Tensor:
@@ -78,6 +87,7 @@ class TargetBatch:
     row_of_token: torch.Tensor
     n_prompts: int
     target_len: int
+    prefixed: torch.Tensor | None = None  # per prompt row: its context template has a prefix (not the bare "{}")
 
     @property
     def n_tok(self) -> int:
@@ -100,7 +110,8 @@ class TargetBatch:
                                      rows=self.rows[pos] - a, cols=self.cols[pos],
                                      target_tokens=self.target_tokens[tok_pos],
                                      row_of_token=self.row_of_token[tok_pos] - a,
-                                     n_prompts=max(0, min(b, self.n_prompts) - a), target_len=self.target_len))
+                                     n_prompts=max(0, min(b, self.n_prompts) - a), target_len=self.target_len,
+                                     prefixed=None if self.prefixed is None else self.prefixed[a:min(b, self.n_prompts)]))
         return parts
 
 
@@ -129,7 +140,16 @@ def target_batch(tok: object, req: EditRequest, templates: list[str], device: to
                        rows=torch.cat([torch.tensor(nll_rows, device=device), all_rows[n_rw:]]),
                        cols=torch.cat([torch.tensor(nll_cols, device=device), subj_t[n_rw:]]),
                        target_tokens=torch.tensor(nll_tok, device=device),
-                       row_of_token=torch.tensor(nll_rows, device=device), n_prompts=n_rw, target_len=len(tgt))
+                       row_of_token=torch.tensor(nll_rows, device=device), n_prompts=n_rw, target_len=len(tgt),
+                       prefixed=torch.tensor([t.strip() != "{}" for t in templates], device=device))
+
+
+def _prefixed_all_top(tok_logp: torch.Tensor, part: TargetBatch) -> bool:
+    """Whether, in the prefixed prompts of ``part``, every target token is the argmax at its position."""
+    wrong = (tok_logp.argmax(dim=-1) != part.target_tokens).float()
+    per_prompt = torch.zeros(part.n_prompts, device=wrong.device).index_add(0, part.row_of_token, wrong)
+    keep = part.prefixed if part.prefixed is not None else torch.ones_like(per_prompt, dtype=torch.bool)
+    return bool((per_prompt[keep] == 0).all())
 
 
 def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
@@ -151,16 +171,20 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
     kl_init: list[torch.Tensor | None] = [None] * len(parts)
     steps_done = 0
     loss_v = nll_v = kl_v = float("nan")
+    mpes_need, mpes_hits, mpes_step = mpes_count(settings.mpes), 0, None
     for it in range(settings.steps):
         last = it == settings.steps - 1
         opt.zero_grad()
         nll_v = kl_v = 0.0
+        all_top = True  # every target token of every prefixed prompt is the argmax (MPES)
         deferred: list[torch.Tensor] = []  # one part: its backward waits for the early-stop check
         # The loss is a sum over prompts: each part's share is back-propagated on its own (less memory).
         for i, (part, fwd) in enumerate(zip(parts, fwds)):
             with torch.set_grad_enabled(not last):
                 lp = torch.log_softmax(fwd.logits(delta).float(), dim=-1)
                 tok_lp = lp[:part.n_tok].gather(1, part.target_tokens[:, None]).squeeze(1)
+                if mpes_need:
+                    all_top = all_top and _prefixed_all_top(lp[:part.n_tok], part)
                 per_prompt = torch.zeros(part.n_prompts, device=device).index_add(0, part.row_of_token, tok_lp)
                 nll = -(per_prompt / bt.target_len).sum() / bt.n_prompts
                 kl_lp = lp[part.n_tok:]
@@ -179,6 +203,11 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
         loss_v = nll_v + kl_v + wd.item()
         if not math.isfinite(loss_v):
             raise EditError(req.case_id, f"non-finite loss {loss_v} in the target optimisation")
+        if mpes_need and all_top:
+            mpes_hits += 1  # cumulative, as in ENCORE: never reset by a step that misses
+            if mpes_hits >= mpes_need:
+                mpes_step = it
+                break
         if loss_v < EARLY_STOP or last:
             break
         sum(deferred, wd).backward()
@@ -189,10 +218,28 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
     result = TargetResult(init=init.to(dtype), delta=delta.detach().to(dtype), steps=steps_done,
-                          loss=loss_v, nll=nll_v, kl=kl_v)
+                          loss=loss_v, nll=nll_v, kl=kl_v, mpes_step=mpes_step)
     if not torch.isfinite(result.target).all():
         raise EditError(req.case_id, "non-finite target vector v*")
     return result
+
+
+def target_signals(targets: list[TargetResult]) -> dict[str, float]:
+    """The target optimisation's columns of the ``layers`` table, each the mean over the batch: ‖δ‖, ‖δ‖/‖v_init‖,
+    ‖v*‖, ‖v*‖/‖v_init‖, steps, the final loss terms and the step at which MPES stopped (NaN where it did not)."""
+    n = len(targets)
+
+    def mean(values: list[float]) -> float:
+        vals = [v for v in values if v == v]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {"v_delta_norm": mean([float(t.delta.norm()) for t in targets]),
+            "v_delta_ratio": mean([float(t.delta.norm() / t.init.norm()) for t in targets]),
+            "v_star_norm": mean([float(t.target.norm()) for t in targets]),
+            "v_star_ratio": mean([float(t.target.norm() / t.init.norm()) for t in targets]),
+            "v_steps": sum(t.steps for t in targets) / n if n > 1 else targets[0].steps, "v_loss": mean([t.loss for t in targets]),
+            "v_nll": mean([t.nll for t in targets]), "v_kl": mean([t.kl for t in targets]),
+            "v_mpes_step": mean([float("nan") if t.mpes_step is None else float(t.mpes_step) for t in targets])}
 
 
 class TargetCache:
