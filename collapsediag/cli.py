@@ -315,6 +315,28 @@ def demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_command(args: argparse.Namespace) -> int:
+    """``collapsediag study``: the long study (sequential runs of every editor, then the batch study), resumable."""
+    from .checks import check_records
+    from .data import load_data
+    from .longstudy import LongStudyPlan, run_long_study
+    from .models import load_model
+    from .stats import StatsCache
+
+    plan = LongStudyPlan(n_edits=args.n_edits, editors=tuple(args.editors), eval_every=args.eval_every,
+                         retention_sample=args.retention_sample, batch_editors=tuple(args.batch_editors),
+                         batch_sizes=tuple(args.batch_sizes), batch_edits=args.batch_edits, seed=args.seed)
+    need = max(plan.n_edits, plan.batch_edits if args.batch_editors else 0)
+    records = check_records(load_data(args.data, need), args.data)
+    model, tok = load_model(args.model)
+    result = run_long_study(model, tok, records, args.out, plan, batches=bool(args.batch_editors), data=args.data,
+                            corpus=_corpus(args), cache=StatsCache(args.cache_dir), stats_tokens=args.stats_tokens,
+                            progress=not args.quiet)
+    print(f"study in {args.out}: {len(result['seq'])} sequential runs, {len(result['batch'])} batch runs "
+          f"(timings in {pathlib.Path(args.out) / 'study.json'})")
+    return 0
+
+
 def _model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
@@ -393,6 +415,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the editor's defaults)")
     _stats_options(r)
     r.set_defaults(func=run_command)
+
+    st = sub.add_parser("study", help="the long study: hundreds of sequential edits per editor, then MEMIT and EMMET "
+                                      "at several batch sizes (resumable: run it again to go on)",
+                        parents=[common], formatter_class=_Formatter,
+                        description="Sequential runs of every editor over the same records (advanced together, one "
+                                    "checkpoint interval at a time), then the batch study; each run resumes where it "
+                                    "stopped when the command is run again with the same --out.")
+    _model_option(st)
+    st.add_argument("--data", required=True, help="counterfact:PATH, zsre:PATH, facts:PATH or own")
+    st.add_argument("--n-edits", type=positive_int, default=300, help="sequential edits per editor")
+    st.add_argument("--out", required=True, help="study directory (seq/<editor>, batch/<editor>-b<B>, study.json)")
+    st.add_argument("--editors", nargs="+", default=["rome", "r-rome", "memit", "d4s", "alphaedit", "encore"],
+                    help="editors of the sequential runs")
+    st.add_argument("--eval-every", type=positive_int, default=25, help="checkpoint every K edits")
+    st.add_argument("--retention-sample", type=nonnegative_int, default=DEFAULT_SAMPLE, metavar="M",
+                    help="older edits re-tested per checkpoint, seeded (0: all)")
+    st.add_argument("--batch-editors", nargs="*", default=["memit", "emmet"],
+                    help="editors of the batch study (none: skip it)")
+    st.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16, 64, 256],
+                    help="batch sizes of the batch study")
+    st.add_argument("--batch-edits", type=positive_int, default=256, help="edits of each batch-study run")
+    st.add_argument("--seed", type=int, default=0, help="seed of the context templates, v* and generations")
+    _stats_options(st)
+    st.set_defaults(func=study_command)
 
     sc = sub.add_parser("scan", help="pre-edit risk scan: ROME's denominators and key geometry of every record, "
                                      "no edit made", parents=[common], formatter_class=_Formatter,

@@ -145,7 +145,9 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     arch = ArchSpec(**cfg["arch"])
     stats = _stats_from_config(model, tok, arch, cfg, cache, corpus, progress)
     eval_every = int(cfg.get("eval_every") or 0)
-    eval_texts = heldout_texts(cfg.get("eval_text")) if eval_every and cfg.get("n_eval_texts", 1) else []
+    # the run scored the first n_eval_texts passages of its file (or of the packaged ones)
+    eval_texts = heldout_texts(cfg.get("eval_text"), max_passages=cfg.get("n_eval_texts")) \
+        if eval_every and cfg.get("n_eval_texts", 1) else []
     if eval_every and len(eval_texts) != cfg.get("n_eval_texts", len(eval_texts)):
         warnings.warn(f"{path}: the run scored {cfg['n_eval_texts']} held-out texts, resuming with "
                       f"{len(eval_texts)} (texts not given by a file)", stacklevel=3)

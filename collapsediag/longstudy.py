@@ -1,0 +1,165 @@
+"""The long study (issue 14): hundreds of sequential edits per editor on the same records, and the batch study.
+
+Layout under ``out``:
+  seq/<editor>/            one sequential run per editor (ROME, r-ROME, MEMIT, D4S, AlphaEdit, ENCORE)
+  batch/<editor>-b<B>/     MEMIT and EMMET over the same first ``batch_edits`` records at batch size B
+  study.json               the plan, the records' source and, per run, its wall time and edits per hour
+
+Every run edits the same records in the same order. The sequential runs advance together, one checkpoint
+interval at a time (round-robin), so whenever the study stops every editor has reached about the same edit;
+each run is resumed on its own (``EditSession.resume``) the next time the study starts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .editors import get_editor
+from .editors.context import generate_templates
+from .editors.target import TargetCache
+from .fluency import GENERATION_PROMPTS, heldout_texts
+from .progress import progress_bar
+from .session import EditSession
+from .stats import StatsCache, TextCorpus
+from .store import Run, load_run
+
+
+@dataclass
+class LongStudyPlan:
+    """What the long study runs."""
+
+    n_edits: int = 300
+    editors: tuple[str, ...] = ("rome", "r-rome", "memit", "d4s", "alphaedit", "encore")
+    eval_every: int = 25
+    retention_sample: int = 200
+    batch_editors: tuple[str, ...] = ("memit", "emmet")
+    batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
+    batch_edits: int = 256
+    eval_passages: int = 32
+    generation_prompts: int = 4
+    seed: int = 0
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def batch_runs(self) -> list[tuple[str, str, int]]:
+        """(run name, editor, batch size) of the batch study."""
+        return [(f"{e}-b{b}", e, b) for e in self.batch_editors for b in self.batch_sizes]
+
+
+def _status(out: pathlib.Path) -> dict[str, Any]:
+    p = out / "study.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+
+def _write_status(out: pathlib.Path, status: dict[str, Any]) -> None:
+    tmp = out / "study.json.tmp"
+    tmp.write_text(json.dumps(status, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, out / "study.json")
+
+
+def run_timing(run: Run) -> dict[str, float]:
+    """Wall time of a run (edits and checkpoints) and its edits per hour."""
+    seconds = float(run.edits["seconds"].sum() + run.evals["seconds"].fillna(0).sum())
+    n = len(run.edits)
+    return {"edits": n, "seconds": round(seconds, 1), "edits_per_hour": round(3600 * n / seconds, 1) if seconds else 0}
+
+
+class LongStudy:
+    """Runs (or resumes) the long study of ``plan`` on ``records`` under ``out``."""
+
+    def __init__(self, model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike,
+                 plan: LongStudyPlan, data: str = "", corpus: TextCorpus | None = None,
+                 cache: StatsCache | None = None, stats_tokens: int = 100_000, progress: bool = True) -> None:
+        self.model, self.tok, self.plan = model, tok, plan
+        self.records = records
+        self.out = pathlib.Path(out)
+        self.corpus = corpus or TextCorpus.packaged()
+        self.cache = cache or StatsCache()
+        self.stats_tokens = stats_tokens
+        self.progress = progress
+        self.texts = heldout_texts(max_passages=plan.eval_passages)
+        self.prompts = list(GENERATION_PROMPTS[:plan.generation_prompts])
+        self.templates: dict[tuple, list[str]] = {}
+        self.targets = TargetCache()  # batch runs start from W₀: their first targets are shared
+        self.out.mkdir(parents=True, exist_ok=True)
+        status = _status(self.out)
+        status.update(plan=asdict(plan), data=data, n_records=len(records),
+                      case_ids=[str(r.get("case_id", i)) for i, r in enumerate(records[:plan.n_edits])])
+        status.setdefault("runs", {})
+        self.status = status
+        _write_status(self.out, status)
+
+    def _open(self, path: pathlib.Path, editor_name: str, n: int, batch_size: int, eval_every: int) -> EditSession:
+        """A session on its own copy of the unedited model: resumed from ``path`` when a run is there."""
+        model = copy.deepcopy(self.model)
+        if (path / "config.json").exists():
+            return EditSession.resume(path, model, self.tok, self.records[:n], cache=self.cache, corpus=self.corpus,
+                                      progress=False)
+        editor = get_editor(editor_name, self.plan.hparams.get(editor_name, {}))
+        key = editor.context_lengths
+        if key not in self.templates:
+            self.templates[key] = generate_templates(self.model, self.tok, key, seed=self.plan.seed)
+        mode = "sequential" if batch_size == 1 else ("batch" if batch_size >= n else "sequential-batch")
+        return EditSession(model, self.tok, editor, out=path, corpus=self.corpus, stats_tokens=self.stats_tokens,
+                           cache=self.cache, seed=self.plan.seed, eval_every=eval_every, eval_texts=self.texts,
+                           generation_prompts=self.prompts, templates=self.templates[key], progress=False,
+                           retention_sample=self.plan.retention_sample,
+                           config={"data": self.status.get("data"), "n_edits": n, "mode": mode,
+                                   "batch_size": batch_size, "study": str(self.out)})
+
+    def _record(self, name: str, path: pathlib.Path) -> None:
+        self.status["runs"][name] = {"path": str(path.relative_to(self.out)), **run_timing(load_run(path))}
+        _write_status(self.out, self.status)
+
+    def sequential(self) -> dict[str, Run]:
+        """The sequential runs, advanced together one checkpoint interval at a time."""
+        plan, n = self.plan, self.plan.n_edits
+        paths = {e: self.out / "seq" / e for e in plan.editors}
+        sessions = {e: self._open(paths[e], e, n, 1, plan.eval_every) for e in plan.editors}
+        bar = progress_bar(total=n * len(sessions), desc="sequential study", unit="edit", disable=not self.progress)
+        bar.update(sum(s.n_edits for s in sessions.values()))
+        while any(s.n_edits < n for s in sessions.values()):
+            for e, s in sessions.items():
+                if s.n_edits >= n:
+                    continue
+                stop = min(n, (s.n_edits // plan.eval_every + 1) * plan.eval_every)
+                bar.set_postfix(editor=e, edit=s.n_edits)
+                before = s.n_edits
+                s.run(self.records[s.n_edits:stop], batch_size=1, progress=False)
+                bar.update(s.n_edits - before)
+                self._record(f"seq/{e}", paths[e])
+        bar.close()
+        return {e: load_run(p) for e, p in paths.items()}
+
+    def batches(self) -> dict[str, Run]:
+        """The batch study: each editor at each batch size over the same first ``batch_edits`` records."""
+        plan = self.plan
+        n = min(plan.batch_edits, len(self.records))
+        runs = {}
+        for name, editor, b in plan.batch_runs():
+            path = self.out / "batch" / name
+            s = self._open(path, editor, n, b, max(b, 16))
+            s.env.target_cache = self.targets
+            if s.n_edits < n:
+                s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress)
+            self._record(f"batch/{name}", path)
+            runs[name] = load_run(path)
+            del s
+        return runs
+
+
+def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike,
+                   plan: LongStudyPlan, batches: bool = True, **kw: Any) -> dict[str, dict[str, Run]]:
+    """Run (or resume) the long study; returns ``{"seq": {editor: Run}, "batch": {name: Run}}``."""
+    t0 = time.perf_counter()
+    study = LongStudy(model, tok, records, out, plan, **kw)
+    result = {"seq": study.sequential(), "batch": study.batches() if batches else {}}
+    study.status["last_session_seconds"] = round(time.perf_counter() - t0, 1)
+    _write_status(study.out, study.status)
+    return result

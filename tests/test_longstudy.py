@@ -1,0 +1,53 @@
+"""The long study on a tiny model: runs advance together, resume without duplicates, record their timing."""
+from __future__ import annotations
+
+import json
+
+from collapsediag.longstudy import LongStudyPlan, run_long_study
+from collapsediag.stats import StatsCache, TextCorpus
+from tests.conftest import corpus_texts, make_model
+from tests.test_plots import RECORDS
+
+BATCHED = {"layers": [1, 2], "z_num_grad_steps": 2, "mom2_update_weight": 1.0}
+HP = {"rome": {"layer": 1, "v_num_grad_steps": 2}, "memit": BATCHED, "encore": BATCHED, "emmet": {"layers": [2]}}
+
+
+def _study(tok, tmp_path, plan, **kw):
+    return run_long_study(make_model("llama", len(tok)), tok, RECORDS, tmp_path / "study", plan, stats_tokens=4000,
+                          corpus=TextCorpus.from_texts(corpus_texts(300)), cache=StatsCache(tmp_path / "c"),
+                          progress=False, **kw)
+
+
+def test_long_study_runs_every_editor_and_the_batch_study(tok, tmp_path):
+    plan = LongStudyPlan(n_edits=4, editors=("rome", "memit", "encore"), eval_every=2, retention_sample=1,
+                         batch_editors=("memit",), batch_sizes=(1, 2, 4), batch_edits=4, eval_passages=2,
+                         generation_prompts=1, hparams=HP)
+    result = _study(tok, tmp_path, plan)
+    assert list(result["seq"]) == ["rome", "memit", "encore"]
+    for run in result["seq"].values():
+        assert run.edits["case_id"].tolist() == [str(r["case_id"]) for r in RECORDS[:4]]  # same records, same order
+        assert run.evals["edit_index"].tolist() == [-1, 1, 3]
+        assert run.config["retention_sample"] == 1
+        # a checkpoint tests the edits since the previous one and at most one older edit
+        last = run.retention[run.retention["checkpoint"] == 3]
+        assert set(last.loc[last["recent"].astype(bool), "edit_index"]) == {2, 3} and (~last["recent"].astype(bool)).sum() == 1
+    batch = result["batch"]
+    assert list(batch) == ["memit-b1", "memit-b2", "memit-b4"]
+    assert [int(r.edits["batch_index"].max()) + 1 for r in batch.values()] == [4, 2, 1]
+    status = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert set(status["runs"]) == {"seq/rome", "seq/memit", "seq/encore", "batch/memit-b1", "batch/memit-b2",
+                                   "batch/memit-b4"}
+    assert all(v["edits"] == 4 and v["edits_per_hour"] > 0 for v in status["runs"].values())
+    assert status["case_ids"] == [str(r["case_id"]) for r in RECORDS[:4]]
+
+
+def test_long_study_resumes_each_run(tok, tmp_path):
+    short = LongStudyPlan(n_edits=2, editors=("rome", "memit"), eval_every=2, batch_editors=(), eval_passages=2,
+                          generation_prompts=1, hparams=HP)
+    _study(tok, tmp_path, short, batches=False)
+    longer = LongStudyPlan(**{**short.__dict__, "n_edits": 4})
+    result = _study(tok, tmp_path, longer, batches=False)
+    for run in result["seq"].values():
+        assert run.edits["edit_index"].tolist() == [0, 1, 2, 3]
+        assert run.evals["edit_index"].tolist() == [-1, 1, 3]
+        assert not run.retention.duplicated(["checkpoint", "edit_index"]).any()
