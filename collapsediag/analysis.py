@@ -276,3 +276,77 @@ def edits_not_taken(run: Run) -> pd.DataFrame:
     geo = _geometry(run).drop(columns="subject_first_token")
     out = miss.set_index("edit_index").join(geo, how="left").reset_index()
     return out[cols].reset_index(drop=True)
+
+
+# Early warning (ALGORITHMS.md §15): thresholds on signals that exist when the edit is made, never on held-out
+# perplexity or retention (the ground truth they must anticipate).
+WARNING_THRESHOLDS = {
+    "weight_sigma1_ratio": 1.5,  # σ₁(W)/σ₁(W₀): the edited matrix's spectral norm up by half
+    "sigma1_growth_rate": 0.01,  # d log σ₁(W) / d edit over the trailing window: exponential norm growth
+    "v_star_growth": 2.0,  # ‖v*‖/‖v_init‖ over its median in the run's first window: the value-norm loop
+    "update_ratio": UPDATE_RATIO,  # one update larger than the matrix it changes
+}
+WARNING_COLUMNS = ["edit_index", "signal", "layer", "value", "threshold"]
+
+
+def warning_signals(run: Run, window: int = 20) -> pd.DataFrame:
+    """Per edit (index) and layer (columns level 1): the early-warning signals, from ``run.layers``.
+
+    sigma1_growth_rate is the slope of log σ₁(W) (log ‖W‖_F for runs without σ₁) per edit between each row and
+    the one ``window`` edits before; v_star_growth is v_star_ratio over its median in the first ``window`` edits.
+    """
+    ly = run.layers.dropna(subset=["edit_index"]).sort_values(["layer", "edit_index"])
+    frames = {}
+    for layer, g in ly.groupby("layer"):
+        g = g.set_index("edit_index")
+        sig = g["weight_sigma1"] if g["weight_sigma1"].notna().any() else g["weight_fro"]
+        x = pd.Series(g.index.to_numpy(float), index=g.index)
+        logs = np.log(sig.astype(float))
+        idx = x.searchsorted(x - window)  # first row at least `window` edits back
+        base = pd.Series(logs.to_numpy()[np.minimum(idx, len(x) - 1)], index=g.index)
+        span = pd.Series(x.to_numpy() - x.to_numpy()[np.minimum(idx, len(x) - 1)], index=g.index)
+        rate = ((logs - base) / span.where(span >= window / 2)).where(x >= x.iloc[0] + window / 2)
+        vs = g["v_star_ratio"].astype(float)
+        ref = vs[x <= x.iloc[0] + window].median()
+        frames[int(layer)] = pd.DataFrame({"weight_sigma1_ratio": g["weight_sigma1_ratio"].astype(float),
+                                           "sigma1_growth_rate": rate, "v_star_growth": vs / ref,
+                                           "update_ratio": g["update_ratio"].astype(float)})
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, axis=1).swaplevel(axis=1).sort_index(axis=1)
+
+
+def early_warning(run: Run, thresholds: dict[str, float] | None = None, window: int = 20) -> pd.DataFrame:
+    """One row per warning: the edit at which a signal rose to its threshold (``WARNING_THRESHOLDS``) at a layer.
+
+    A warning is a rising edge: the first edit at or above the threshold after one below it (or after the
+    start), so a signal that stays high warns once. Uses only per-edit signals of the ``layers`` table.
+    Columns edit_index, signal, layer, value, threshold; sorted by edit.
+    """
+    limits = dict(WARNING_THRESHOLDS, **(thresholds or {}))
+    sig = warning_signals(run, window)
+    rows = []
+    for name, limit in limits.items():
+        if sig.empty or name not in sig.columns.get_level_values(0):
+            continue
+        for layer, s in sig[name].items():
+            s = s.dropna()
+            above = s >= limit
+            edges = above & ~above.shift(1, fill_value=False)
+            rows += [{"edit_index": int(i), "signal": name, "layer": int(layer), "value": float(s[i]),
+                      "threshold": float(limit)} for i in s.index[edges]]
+    out = pd.DataFrame(rows, columns=WARNING_COLUMNS)
+    return out.sort_values(["edit_index", "signal", "layer"], kind="stable").reset_index(drop=True)
+
+
+def warning_lead(run: Run, warnings: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The first warning against the catastrophic onset that ``forgetting_phases`` finds: ``lead`` = onset −
+    first warning (edits; positive = the warning came first), or a false alarm when the run never turns
+    catastrophic."""
+    warnings = early_warning(run) if warnings is None else warnings
+    phases = forgetting_phases(run)
+    first = int(warnings["edit_index"].min()) if len(warnings) else None
+    onset = phases["onset"] if phases["catastrophic"] else None
+    return {"first_warning": first, "first_signal": warnings["signal"].iloc[0] if len(warnings) else None,
+            "catastrophic_onset": onset, "lead": onset - first if onset is not None and first is not None else None,
+            "false_alarm": bool(onset is None and first is not None)}

@@ -128,16 +128,22 @@ def explain(run: Run, perplexity_ratio: float | None = None, most: int = 5) -> l
 def format_report(runs: list[Run], fmt: str = "text") -> str:
     """Report of saved runs: the summary table, the flagged edits, the forgetting phases and every edit
     that did not succeed; ``fmt`` is ``text`` or ``markdown``."""
-    from .analysis import flag_disabling_edits, forgetting_phases
+    from .analysis import early_warning, flag_disabling_edits, forgetting_phases, warning_lead
 
     if fmt not in ("text", "markdown"):
         raise ValueError(f"unknown report format {fmt!r}: text or markdown")
     table = pd.concat([summary(r) for r in runs], ignore_index=True)
     flags = pd.concat([flag_disabling_edits(r).assign(run=r.path.name) for r in runs], ignore_index=True)
     flags = flags[["run"] + [c for c in flags.columns if c != "run"]]
-    phases = pd.DataFrame([dict(run=r.path.name, **forgetting_phases(r)) for r in runs])
+    warns = {r.path.name: early_warning(r) for r in runs}
+    phases = pd.DataFrame([dict(run=r.path.name, **forgetting_phases(r),
+                                **{k: v for k, v in warning_lead(r, warns[r.path.name]).items()
+                                   if k != "catastrophic_onset"}) for r in runs])
+    warn_table = pd.concat([w.assign(run=name) for name, w in warns.items()], ignore_index=True)
+    warn_table = warn_table[["run"] + [c for c in warn_table.columns if c != "run"]]
     sections = [("Summary", table), ("Flagged edits (possible disabling edits)", flags),
-                ("Forgetting phases", phases)]
+                ("Forgetting phases and the first early warning (lead = onset − first warning, in edits)", phases),
+                ("Early warnings (signals at edit time crossing their thresholds)", warn_table)]
     stories = [line for r in runs for line in explain(r)]
     for r in runs:
         bad = failed_edits(r)

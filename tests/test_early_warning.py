@@ -1,0 +1,75 @@
+"""Early warning on synthetic runs with known answers: exponential norm growth warns, a flat run does not."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collapsediag import load_run
+from collapsediag.analysis import WARNING_THRESHOLDS, early_warning, warning_lead, warning_signals
+from collapsediag.store import RunWriter
+
+
+def norm_run(path, growth: float, n: int = 120, onset: int | None = None, seed: int = 0, spike: int | None = None):
+    """Sequential run, layers 3 and 4: σ₁(W) = σ₀ e^{growth·t} (× noise), v* ratio growing with it; retention
+    falls steeply after ``onset`` (checkpoints every 10 edits)."""
+    rng = np.random.default_rng(seed)
+    w = RunWriter.create(path, {"editor": "memit", "arch": {}, "initial_weights": {}})
+    edits, layers, evals = [], [], []
+    for i in range(n):
+        edits.append({"edit_index": i, "batch_index": i, "batch_size": 1, "case_id": f"c{i}", "status": "ok",
+                      "efficacy": True})
+        for layer in (3, 4):
+            s1 = 10.0 * np.exp(growth * i) * float(np.exp(rng.normal(0, 0.002)))
+            layers.append({"edit_index": i, "batch_index": i, "layer": layer, "weight_sigma1": s1,
+                           "weight_sigma1_ratio": s1 / 10.0, "weight_fro": 3 * s1,
+                           "v_star_ratio": 1.3 * np.exp(growth * i) * float(np.exp(rng.normal(0, 0.01))),
+                           "update_ratio": 10.0 if i == spike else 0.01})
+        if i % 10 == 9:
+            ret = 1.0 - 0.001 * i if onset is None or i < onset else max(0.0, 1.0 - 0.001 * onset - 0.02 * (i - onset))
+            evals.append({"edit_index": i, "n_edits": i + 1, "retention": ret, "perplexity": 8.0})
+    for table, rows in (("edits", edits), ("layers", layers), ("evals", evals)):
+        w.append(table, rows)
+    return load_run(path)
+
+
+def test_early_warning_fires_on_exponential_norm_growth(tmp_path):
+    run = norm_run(tmp_path / "exp", growth=0.02, onset=89)
+    warn = early_warning(run)
+    assert list(warn.columns) == ["edit_index", "signal", "layer", "value", "threshold"]
+    rate = warn[warn["signal"] == "sigma1_growth_rate"]
+    assert set(rate["layer"]) == {3, 4} and rate["edit_index"].max() <= 15  # as soon as the trailing window fills
+    ratio = warn[warn["signal"] == "weight_sigma1_ratio"]
+    assert ratio["edit_index"].min() == int(np.ceil(np.log(1.5) / 0.02))  # σ₁ up by half at t = ln 1.5 / 0.02
+    assert (warn["value"] >= warn["threshold"]).all()
+    lead = warning_lead(run, warn)
+    assert lead["catastrophic_onset"] is not None and lead["lead"] > 0 and not lead["false_alarm"]
+
+
+def test_early_warning_is_silent_on_a_flat_run(tmp_path):
+    run = norm_run(tmp_path / "flat", growth=0.0)
+    assert early_warning(run).empty
+    assert warning_lead(run)["first_warning"] is None
+
+
+def test_a_single_large_update_warns_once(tmp_path):
+    run = norm_run(tmp_path / "spike", growth=0.0, spike=50)
+    warn = early_warning(run)
+    assert warn[["edit_index", "signal"]].drop_duplicates().values.tolist() == [[50, "update_ratio"]]
+
+
+def test_warning_signals_and_thresholds_can_be_changed(tmp_path):
+    run = norm_run(tmp_path / "slow", growth=0.002)
+    sig = warning_signals(run, window=20)
+    assert sig["sigma1_growth_rate"][3].dropna().between(0.0015, 0.0025).all()
+    assert early_warning(run).empty  # 0.2 % per edit is below the default rate
+    assert not early_warning(run, {"sigma1_growth_rate": 0.001}).empty
+    assert set(WARNING_THRESHOLDS) == {"weight_sigma1_ratio", "sigma1_growth_rate", "v_star_growth", "update_ratio"}
+
+
+def test_report_shows_warnings_beside_the_forgetting_phases(tmp_path):
+    from collapsediag.report import format_report
+
+    text = format_report([norm_run(tmp_path / "exp", growth=0.02, onset=89)], fmt="markdown")
+    phases = text.split("## Forgetting phases")[1].split("## Early warnings")[0]
+    assert "first_warning" in phases and "lead" in phases and "false_alarm" in phases
+    assert "sigma1_growth_rate" in text.split("## Early warnings")[1]
