@@ -83,7 +83,8 @@ LAYERS = [
        "spectral entropy of W − W₀ over its top 8 singular values, pᵢ = σᵢ²/Σⱼσⱼ² (0: one direction; at most "
        "log 8 = 2.08)"),
     _c("weight_condition", "float", "ratio",
-       "cond(W) = σ_max/σ_min of the edited matrix (PRUNE); only on the last batch before a checkpoint"),
+       "cond(W) = σ_max/σ_min of the edited matrix (PRUNE); only on the last batch before a checkpoint",
+       "all, at checkpoints"),
     _c("denominator", "float", "key units",
        "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "
        "n×n matrix KᵀA⁻¹K (MEMIT: A = λC + KKᵀ; D4S: A = λC + ΣKKᵀ), D (EMMET), or K̃ᵀG⁻¹K̃ with K̃ = UᵀK "
@@ -107,7 +108,8 @@ LAYERS = [
        "the value-norm feedback loop"),
     _c("v_steps", "int", "steps", "gradient steps taken by the target optimisation"),
     _c("v_mpes_step", "float", "steps", "step at which most-probable early stopping ended the target optimisation "
-       "(hparam `mpes`; batched: mean over the batch's edits where it fired; null where it did not)"),
+       "(hparam `mpes`; batched: mean over the batch's edits where it fired; null where it did not)",
+       "encore, any with mpes"),
     _c("v_loss", "float", "nats", "final loss of the target optimisation (NLL + KL + decay)"),
     _c("v_nll", "float", "nats", "final mean target NLL over the prefixed prompts"),
     _c("v_kl", "float", "nats", "final weighted KL term"),

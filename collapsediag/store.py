@@ -108,26 +108,98 @@ class RunWriter:
         os.replace(tmp, p)
 
 
-def read_table(path: str | os.PathLike, table: str) -> pd.DataFrame:
-    """A run table with every documented column; a line cut by a crash is skipped with a warning."""
+COLUMNAR_MIN_BYTES = 1 << 20  # a table's JSON Lines file this large gets a parquet copy when read
+
+
+def _parse_lines(text: str, p: pathlib.Path, first_line: int = 0) -> list[dict]:
+    records = []
+    for i, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{p}: skipped incomplete line {first_line + i + 1} (crash while writing?)", stacklevel=3)
+    return records
+
+
+def _columnar_path(p: pathlib.Path) -> pathlib.Path:
+    return p.parent / "columnar" / (p.stem + ".parquet")
+
+
+def _read_columnar(p: pathlib.Path, data: bytes) -> tuple[pd.DataFrame | None, int]:
+    """The parquet copy of the first bytes of ``p`` and how many bytes it covers, if it is still a copy of
+    them (a resume that rewrote the table makes it stale)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    cp = _columnar_path(p)
+    if not cp.exists():
+        return None, 0
+    try:
+        table = pq.read_table(cp)
+        meta = json.loads(table.schema.metadata[b"collapsediag"])
+        covered = int(meta["bytes"])
+        if covered > len(data) or hashlib.blake2b(data[:covered]).hexdigest() != meta["blake2b"]:
+            return None, 0
+        return table.to_pandas(), covered
+    except Exception:  # noqa: BLE001 - a broken copy is never worse than no copy
+        return None, 0
+
+
+def _write_columnar(p: pathlib.Path, df: pd.DataFrame, data: bytes, covered: int) -> None:
+    """Store ``df`` (the rows of ``data[:covered]``) as parquet next to the run's tables (atomic)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cp = _columnar_path(p)
+    try:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        meta = {b"collapsediag": json.dumps({"bytes": covered,
+                                             "blake2b": hashlib.blake2b(data[:covered]).hexdigest()}).encode()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+        cp.parent.mkdir(exist_ok=True)
+        tmp = cp.with_name(cp.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, cp)
+    except (OSError, pa.ArrowException, TypeError, ValueError) as exc:  # mixed-type column, read-only dir
+        warnings.warn(f"{p}: no parquet copy written ({exc})", stacklevel=3)
+
+
+def read_table(path: str | os.PathLike, table: str, columnar: bool = True) -> pd.DataFrame:
+    """A run table with every documented column; a line cut by a crash is skipped with a warning.
+
+    The JSON Lines file is the record. When it is larger than ``COLUMNAR_MIN_BYTES``, reading it also leaves a
+    parquet copy of its complete lines under ``columnar/``; later reads take the rows it covers from that copy
+    (after checking that those bytes did not change) and parse only the lines appended since.
+    """
     p = pathlib.Path(path) / f"{table}.jsonl"
-    records: list[dict] = []
-    if p.exists():
-        lines = p.read_text(encoding="utf-8").split("\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{p}: skipped incomplete line {i + 1} (crash while writing?)", stacklevel=2)
+    data = p.read_bytes() if p.exists() else b""
+    head, covered = _read_columnar(p, data) if columnar and len(data) >= COLUMNAR_MIN_BYTES else (None, 0)
+    tail = data[covered:].decode("utf-8")
+    records = _parse_lines(tail, p)
+    if head is None and columnar and len(data) >= COLUMNAR_MIN_BYTES:
+        complete = data.rfind(b"\n") + 1  # a last line cut by a crash stays out of the copy
+        n_complete = len(_parse_lines(data[:complete].decode("utf-8"), p)) if complete < len(data) else len(records)
+        df = pd.DataFrame.from_records(records[:n_complete])
+        if len(df):
+            _write_columnar(p, _coerce(_with_columns(df, table), table), data, complete)
+    frames = [f for f in (head, pd.DataFrame.from_records(records)) if f is not None and len(f)]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames[0] if frames else pd.DataFrame())
+    return _coerce(_with_columns(df, table), table)
+
+
+def _with_columns(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    """``df`` with every schema column (NaN where absent), schema columns first."""
     cols = schema.columns(table)
-    df = pd.DataFrame.from_records(records)
     for c in cols:
         if c not in df.columns:
             df[c] = np.nan
     extra = [c for c in df.columns if c not in cols]
-    return _coerce(df[cols + extra], table)
+    return df[cols + extra]
 
 
 def _coerce(df: pd.DataFrame, table: str) -> pd.DataFrame:
