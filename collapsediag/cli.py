@@ -138,7 +138,8 @@ def run_command(args: argparse.Namespace) -> int:
         batch_size = len(records) if args.mode == "batch" else (args.batch_size or 1)
         session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
-                              retention_sample=args.retention_sample, eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
+                              retention_sample=args.retention_sample, snapshot_every=args.snapshot_every,
+                              eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
                               templates=None if args.context is None else _templates(model, tok, args),
                               config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
                                       "batch_size": batch_size, "stats_corpus": corpus.name,
@@ -404,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retention-sample", type=nonnegative_int, default=DEFAULT_SAMPLE, metavar="M",
                    help="a checkpoint re-tests every edit since the previous one plus at most M older ones, "
                         "seeded (0: every earlier edit)")
+    r.add_argument("--snapshot-every", type=nonnegative_int, default=1000, metavar="N",
+                   help="store the edited matrices every N edits, so model_at and --resume replay at most N "
+                        "updates (0: never)")
     r.add_argument("--eval-text", default=None,
                    help="held-out text file for perplexity (default: the packaged held-out passages)")
     r.add_argument("--context", type=nonnegative_int, default=None,

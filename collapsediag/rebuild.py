@@ -1,10 +1,11 @@
 """Rebuild an edited model from a saved run: the base weights plus each stored update, in order."""
 from __future__ import annotations
 
+import pandas as pd
 import torch
 from torch import nn
 
-from .arch import ArchSpec
+from .arch import ArchSpec, get_module, weight_matrix
 from .editors.base import Delta, apply_deltas
 from .errors import CollapseDiagError
 from .models import model_fingerprint
@@ -32,7 +33,24 @@ def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool 
         raise CollapseDiagError(f"run {run.path} has no edit {upto} (last: {int(done.max()) if len(done) else None})")
     arch = ArchSpec(**run.config["arch"])
     device = next(model.parameters()).device
-    batches = sorted(set(run.edits.loc[done <= upto, "batch_index"].astype(int)))
+    batch_of = run.edits.assign(edit_index=done).set_index("edit_index")["batch_index"].astype(int)
+    start = _load_snapshot(model, run, arch, upto, batch_of)
+    batches = sorted(set(batch_of[(batch_of.index <= upto) & (batch_of.index > start)]))
     for b in batches:
         apply_deltas(model, run_deltas(run, b, arch, device))
     return model
+
+
+def _load_snapshot(model: nn.Module, run: object, arch: ArchSpec, upto: int, batch_of: "pd.Series") -> int:
+    """Copy the latest usable snapshot at or before ``upto`` into ``model``; returns its edit index (−1: none).
+
+    A snapshot is usable when it closes a batch of the run (the run may have been cut back on resume)."""
+    last_of_batch = set(batch_of.groupby(batch_of).apply(lambda s: s.index.max()))
+    for index in reversed(getattr(run, "snapshots", lambda: [])()):
+        if index > upto or index not in last_of_batch:
+            continue
+        with torch.no_grad():
+            for layer, w in run.snapshot(index).items():
+                weight_matrix(get_module(model, arch.rewrite_name(layer))).copy_(torch.from_numpy(w))
+        return index
+    return -1

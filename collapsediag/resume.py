@@ -156,6 +156,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
                   generation_prompts=cfg.get("generation_prompts", GENERATION_PROMPTS),
                   generation_tokens=cfg.get("generation_tokens", 64), diagnostics=cfg.get("diagnostics", True),
                   retention_sample=int(cfg.get("retention_sample") or 0),  # runs before sampling tested all
+                  snapshot_every=int(cfg.get("snapshot_every") or 0),
                   progress=progress, _resume=True)
     session.config = cfg
 
@@ -175,6 +176,9 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     for table in ("evals", "retention", "layers", "edits"):
         session.writer.rewrite(table, getattr(state, table))
     _drop_factors(run, state.n_batches)
+    for index in run.snapshots():  # weights after edits that are dropped (redone later)
+        if index >= n:
+            (run.path / "snapshots" / f"edit_{index:06d}.npz").unlink()
 
     session.edits = [_plain(r) for r in state.edits.to_dict("records")]
     session.layer_rows = [_plain(r) for r in state.layers.to_dict("records")]

@@ -83,6 +83,8 @@ class EditSession:
     diagnostics : False records only the edits table (no per-layer signals).
     retention_sample : a checkpoint re-tests every edit since the previous one plus at most this many older
         ones, seeded (0 = every earlier edit); keeps checkpoints' cost flat in long runs.
+    snapshot_every : store the edited matrices every this many edits (0 = never), so that ``Run.model_at``
+        and resuming replay at most that many updates.
     target_cache : a ``TargetCache`` shared with other sessions on the same model, so a target (v*, z)
         computed in one run is reused by another when the weights are the same (e.g. batch runs and D4S,
         which all start from W₀).
@@ -95,7 +97,7 @@ class EditSession:
                  eval_every: int = 0, eval_texts: list[str] | None = None,
                  generation_prompts: list[str] | tuple[str, ...] = GENERATION_PROMPTS, generation_tokens: int = 64,
                  config: dict[str, Any] | None = None, progress: bool = True, target_cache: TargetCache | None = None,
-                 retention_sample: int = DEFAULT_SAMPLE, _resume: bool = False) -> None:
+                 retention_sample: int = DEFAULT_SAMPLE, snapshot_every: int = 1000, _resume: bool = False) -> None:
         self.model, self.tok, self.editor = model, tok, editor
         self.arch = arch or arch_for(model)
         self.layers = editor.layers()
@@ -112,6 +114,7 @@ class EditSession:
         if retention_sample < 0:
             raise ValueError(f"retention_sample must be 0 or more, got {retention_sample}")
         self.retention_sample = int(retention_sample)
+        self.snapshot_every = int(snapshot_every)
         self.eval_texts = eval_texts if eval_texts is not None else (heldout_texts() if eval_every else [])
         self.generation_prompts = list(generation_prompts)
         self.generation_tokens = generation_tokens
@@ -144,6 +147,7 @@ class EditSession:
             "context_templates": self.env.templates,
             "stats": {str(k): v.identity for k, v in self.env.stats.items()},
             "eval_every": self.eval_every, "retention_sample": self.retention_sample,
+            "snapshot_every": self.snapshot_every,
             "generation_prompts": self.generation_prompts,
             "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
             "diagnostics": self.diagnostics,
@@ -227,6 +231,11 @@ class EditSession:
         self._save(batch, rows, deltas, layer_rows, state)
         before = self.n_edits
         self.n_edits += len(records)
+        if self.writer is not None and self.snapshot_every and before // self.snapshot_every != \
+                self.n_edits // self.snapshot_every:
+            self.writer.save_snapshot(self.n_edits - 1, {
+                f"w_{layer}": weight_matrix(get_module(self.model, self.arch.rewrite_name(layer))).detach().cpu().numpy()
+                for layer in self.layers})
         self.n_batches += 1
         if self.eval_every and before // self.eval_every != self.n_edits // self.eval_every:
             self.checkpoint()

@@ -100,6 +100,16 @@ class RunWriter:
                 for r in df.to_dict("records")]  # missing values left out, as in appended rows
         _atomic_write(self.path / f"{table}.jsonl", "".join(dumps(r) + "\n" for r in rows))
 
+    def save_snapshot(self, edit_index: int, weights: dict[str, np.ndarray]) -> None:
+        """Store the edited matrices after ``edit_index`` (``w_<layer>``, Linear orientation), so that
+        ``model_at`` starts from the nearest snapshot instead of replaying every update (atomic)."""
+        d = self.path / "snapshots"
+        d.mkdir(exist_ok=True)
+        p = d / f"edit_{edit_index:06d}.npz"
+        tmp = p.with_name(p.stem + ".tmp.npz")
+        np.savez(tmp, **weights)
+        os.replace(tmp, p)
+
     def save_factors(self, batch_index: int, factors: dict[str, np.ndarray]) -> None:
         """Store the update factors (and editor state arrays) of one batch (atomic)."""
         p = self.path / "factors" / f"batch_{batch_index:06d}.npz"
@@ -278,10 +288,23 @@ class Run:
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
+    def snapshots(self) -> list[int]:
+        """Edit indices with a stored weight snapshot, ascending."""
+        d = self.path / "snapshots"
+        stems = [p.name[len("edit_"):-len(".npz")] for p in d.glob("edit_*.npz")] if d.exists() else []
+        return sorted(int(s) for s in stems if s.isdigit())
+
+    def snapshot(self, edit_index: int) -> dict[int, np.ndarray]:
+        """The edited matrices stored after ``edit_index``, by layer."""
+        with np.load(self.path / "snapshots" / f"edit_{edit_index:06d}.npz") as z:
+            return {int(k[2:]): z[k] for k in z.files if k.startswith("w_")}
+
     def model_at(self, edit_index: int, model: Any = None) -> Any:
         """The model as it was right after ``edit_index``, rebuilt from the stored update factors.
 
         The edits of one batch land together: inside a batch this is the model after the whole batch.
+        It starts from the nearest weight snapshot at or before the edit (``snapshot_every``) and replays only
+        the updates after it.
 
         ``model`` is the unedited base model (loaded from ``config["model"]`` when omitted); it is
         edited in place and returned.

@@ -107,7 +107,7 @@ def test_truncated_table_loads_complete_rows(tok, env_for, tmp_path):
 def _cli(tmp_path, out, resume=False):
     args = [sys.executable, "-m", "collapsediag", "run", "--model", str(tmp_path / "model"), "--editor", "rome",
             "--data", f"facts:{tmp_path / 'facts.jsonl'}", "--layers", "1", "--hparam", "v_num_grad_steps=4",
-            "--eval-every", "2", "--context", "2", "--out", str(out), "--stats-corpus", str(tmp_path / "c.txt"),
+            "--eval-every", "2", "--retention-sample", "1", "--snapshot-every", "3", "--context", "2", "--out", str(out), "--stats-corpus", str(tmp_path / "c.txt"),
             "--stats-tokens", "6000", "--cache-dir", str(tmp_path / "cache")]
     return args + (["--resume"] if resume else [])
 
@@ -149,6 +149,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tok, tmp_path):
         assert fa.keys() == fb.keys()
         for k in fa:
             np.testing.assert_allclose(fa[k], fb[k], rtol=1e-6)
+    assert full.snapshots() == cut.snapshots() == [2, 5][:len(FACTS) // 3]
+    assert (full.retention["recent"] == False).groupby(full.retention["checkpoint"]).sum().max() == 1  # noqa: E712
     wa = full.model_at(len(FACTS) - 1, model=make_model("llama", len(tok))).state_dict()
     wb = cut.model_at(len(FACTS) - 1, model=make_model("llama", len(tok))).state_dict()
     for k in wa:
