@@ -324,6 +324,13 @@ def study_command(args: argparse.Namespace) -> int:
     from .models import load_model
     from .stats import StatsCache
 
+    if args.report:
+        from .studyreport import write_study_report
+
+        print(write_study_report(args.out, args.figures))
+        return 0
+    if args.data is None:
+        raise CollapseDiagError("--data is required to run the study (leave it out only with --report)")
     plan = LongStudyPlan(n_edits=args.n_edits, editors=tuple(args.editors), eval_every=args.eval_every,
                          retention_sample=args.retention_sample, batch_editors=tuple(args.batch_editors),
                          batch_sizes=tuple(args.batch_sizes), batch_edits=args.batch_edits, seed=args.seed)
@@ -333,8 +340,11 @@ def study_command(args: argparse.Namespace) -> int:
     result = run_long_study(model, tok, records, args.out, plan, batches=bool(args.batch_editors), data=args.data,
                             corpus=_corpus(args), cache=StatsCache(args.cache_dir), stats_tokens=args.stats_tokens,
                             progress=not args.quiet)
+    from .studyreport import write_study_report
+
+    print(write_study_report(args.out, args.figures))
     print(f"study in {args.out}: {len(result['seq'])} sequential runs, {len(result['batch'])} batch runs "
-          f"(timings in {pathlib.Path(args.out) / 'study.json'})")
+          f"(timings in {pathlib.Path(args.out) / 'study.json'}, findings in {pathlib.Path(args.out) / 'findings.md'})")
     return 0
 
 
@@ -427,7 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "checkpoint interval at a time), then the batch study; each run resumes where it "
                                     "stopped when the command is run again with the same --out.")
     _model_option(st)
-    st.add_argument("--data", required=True, help="counterfact:PATH, zsre:PATH, facts:PATH or own")
+    st.add_argument("--data", default=None, help="counterfact:PATH, zsre:PATH, facts:PATH or own (required, except "
+                                                 "with --report)")
+    st.add_argument("--report", action="store_true",
+                    help="edit nothing: write findings.md and the figures of the runs made so far, and print them")
+    st.add_argument("--figures", default=None, help="figure directory (default: OUT/figures)")
     st.add_argument("--n-edits", type=positive_int, default=300, help="sequential edits per editor")
     st.add_argument("--out", required=True, help="study directory (seq/<editor>, batch/<editor>-b<B>, study.json)")
     st.add_argument("--editors", nargs="+", default=["rome", "r-rome", "memit", "d4s", "alphaedit", "encore"],

@@ -257,6 +257,70 @@ def plot_forgetting(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = No
     return axes
 
 
+def plot_spectral(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
+    """Two panels against the edits applied, one line per run: σ₁(W)/σ₁(W₀) (largest over the edited layers)
+    and ‖v*‖/‖v_init‖ (rolling median over 10 edits): the norm growth and the value-norm feedback loop."""
+    runs = _runs(runs)
+    axes, own = _panels(ax, 2, 2, sharex=True, panel=(3.0, 2.2))
+    rows = []
+    for run, label in zip(runs, _labels(runs)):
+        ly = run.layers.dropna(subset=["edit_index"])
+        per = ly.groupby("edit_index").agg(s1=("weight_sigma1_ratio", "max"), v=("v_star_ratio", "mean"))
+        per["v"] = per["v"].rolling(10, min_periods=1).median()
+        rows.append(pd.DataFrame({"edits applied": per.index.to_numpy(int) + 1, "run": label,
+                                  "s1": per["s1"].to_numpy(float), "v": per["v"].to_numpy(float)}))
+    d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", "s1", "v"])
+    order = [lab for lab in _labels(runs) if lab in set(d["run"])]
+    for i, (a, col, ylabel) in enumerate(zip(axes, ("s1", "v"), ("σ₁(W) / σ₁(W₀)", "‖v*‖ / ‖v_init‖ (median of 10)"))):
+        sel = d.dropna(subset=[col])
+        if len(sel):
+            sns.lineplot(sel, x="edits applied", y=col, hue="run", hue_order=order, palette=_palette(runs),
+                         estimator=None, errorbar=None, sort=True, ax=a, legend=i == 1)
+        a.set_ylabel(ylabel)
+        _edit_axis(a)
+    _legend_outside(axes[1])
+    title = "Spectral norm and value-norm growth"
+    if own:
+        axes[0].figure.suptitle(title)
+    else:
+        axes[0].set_title(title, loc="left")
+    return axes
+
+
+def plot_warnings(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
+    """One panel per run: retention at each checkpoint, the first early warning (dashed) and the catastrophic
+    onset that ``forgetting_phases`` finds (solid), so the lead of the warning is read off the edit axis."""
+    from .analysis import early_warning, forgetting_phases
+
+    runs = _runs(runs)
+    ncols = min(3, len(runs))
+    axes, own = _panels(ax, len(runs), ncols, sharex=True, panel=(2.4, 1.8))
+    colours = _palette(runs)
+    for a, run, label in zip(axes, runs, _labels(runs)):
+        ev = run.evals.dropna(subset=["retention"])
+        a.plot(ev["n_edits"], ev["retention"], marker=".", color=colours[label])
+        warns = early_warning(run)
+        if len(warns):
+            first = warns.iloc[0]
+            a.axvline(first["edit_index"] + 1, ls="--", color="tab:orange",
+                      label=f"first warning ({first['signal']})")
+        ph = forgetting_phases(run)
+        if ph["catastrophic"]:
+            a.axvline(ph["onset"] + 1, ls="-", color="tab:red", label="catastrophic onset")
+        a.set_ylim(-0.03, 1.03)
+        a.set_title(label, fontsize="small")
+        a.set_ylabel("retention")
+        _edit_axis(a)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize="x-small", loc="lower left")
+    title = "Early warnings (edit-time signals) against forgetting"
+    if own:
+        axes[0].figure.suptitle(title)
+    else:
+        axes[0].set_title(title, loc="left")
+    return axes
+
+
 def _layer_edits(run: Run) -> pd.DataFrame:
     cols = ["edit_index", "subject_first_token", "case_id"]
     return run.layers.merge(run.edits[cols], on="edit_index", how="left")
@@ -614,6 +678,10 @@ def write_figures(runs: list[Run], out: str | os.PathLike, scan: pd.DataFrame | 
         figures["norm_growth"] = lambda: plot_norm_growth(runs)
     if has("evals", "retention"):
         figures["forgetting"] = lambda: plot_forgetting(runs)
+    if has("layers", "weight_sigma1_ratio"):
+        figures["spectral"] = lambda: plot_spectral(runs)
+    if has("evals", "retention") and has("layers", "weight_sigma1_ratio"):
+        figures["warnings"] = lambda: plot_warnings(runs)
     if has("layers", "denominator"):
         figures["denominator_vs_norm"] = lambda: plot_denominator_vs_norm(runs)
     if has("layers", "key_mahalanobis_prefixed"):

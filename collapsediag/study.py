@@ -112,7 +112,7 @@ def disabling_by_run(runs: dict[str, Run], perplexity_ratio: float = COLLAPSE_RA
     return {name: disabling_edits(run, perplexity_ratio) for name, run in runs.items()}
 
 
-def _growth(run: Run) -> pd.Series:
+def weight_l1_growth(run: Run) -> pd.Series:
     """Largest relative weight_l1 growth over the edited layers, per edit index."""
     init = {int(k): v["weight_l1"] for k, v in run.config["initial_weights"].items()}
     ly = run.layers.dropna(subset=["weight_l1"])
@@ -142,12 +142,12 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
         run = runs.get(name)
         if run is None:
             continue
-        growth = _growth(run)
+        growth = weight_l1_growth(run)
         for _, ev in run.evals.dropna(subset=["retention"]).iterrows():
             if int(ev["edit_index"]) in growth.index:
                 pts.append((growth[int(ev["edit_index"])], 1 - ev["retention"]))
     if "d4s" in runs and "memit" in runs:
-        g_d4s, g_memit = _growth(runs["d4s"]).iloc[-1], _growth(runs["memit"]).iloc[-1]
+        g_d4s, g_memit = weight_l1_growth(runs["d4s"]).iloc[-1], weight_l1_growth(runs["memit"]).iloc[-1]
         rho = spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
         if not np.isfinite(rho):
             rho_text = (f"retention never changes over the {len(pts)} checkpoints of ROME, r-ROME and MEMIT, so "

@@ -51,3 +51,22 @@ def test_long_study_resumes_each_run(tok, tmp_path):
         assert run.edits["edit_index"].tolist() == [0, 1, 2, 3]
         assert run.evals["edit_index"].tolist() == [-1, 1, 3]
         assert not run.retention.duplicated(["checkpoint", "edit_index"]).any()
+
+
+def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
+    from collapsediag.cli import main
+
+    plan = LongStudyPlan(n_edits=4, editors=("memit", "d4s", "encore"), eval_every=2, batch_editors=("memit",),
+                         batch_sizes=(1, 4), batch_edits=4, eval_passages=2, generation_prompts=1,
+                         hparams={**HP, "d4s": BATCHED})
+    _study(tok, tmp_path, plan)
+    assert main(["study", "--out", str(tmp_path / "study"), "--report", "--figures", str(tmp_path / "f")]) == 0
+    text = capsys.readouterr().out
+    assert text.strip() == (tmp_path / "study" / "findings.md").read_text().strip()
+    for finding in ("(i) gradual forgetting", "(ii) weight_l1 growth tracks", "(ii) D4S and ENCORE",
+                    "(iii) bigger batches lower MEMIT"):
+        assert finding in text
+    assert "batch 1:" in text and "batch 4:" in text and "edits_per_hour" in text
+    for name in ("spectral", "warnings", "norm_growth", "forgetting"):
+        assert (tmp_path / "f" / "seq" / f"{name}.png").exists(), name
+    assert (tmp_path / "f" / "batch-memit" / "batch_neighborhood.png").exists()

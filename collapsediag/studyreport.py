@@ -1,0 +1,170 @@
+"""The long study's findings, from whatever runs it has finished so far (``collapsediag study --report``).
+
+Per editor: how far it got, the catastrophic onset ``forgetting_phases`` finds, final retention, perplexity and
+norm growth, the first early warning and its lead, and edits per hour. Findings: (i) the onset per editor,
+(ii) Spearman ρ of weight_l1 growth against 1 − retention and D4S's and ENCORE's norm growth against MEMIT's
+at the same edit, (iii) the neighborhood score at each batch size.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from .analysis import early_warning, forgetting_phases, warning_lead
+from .longstudy import run_timing
+from .store import Run, load_run
+from .study import CANNOT_SAY, weight_l1_growth
+
+
+def study_runs(out: str | os.PathLike) -> tuple[dict[str, Run], dict[str, Run]]:
+    """The study's sequential runs by editor and batch runs by name (those with at least one edit)."""
+    out = pathlib.Path(out)
+
+    def runs(sub: str) -> dict[str, Run]:
+        found = {}
+        for p in sorted((out / sub).glob("*/config.json")):
+            run = load_run(p.parent)
+            if len(run.edits):
+                found[p.parent.name] = run
+        return found
+
+    return runs("seq"), runs("batch")
+
+
+def sigma1_ratio(run: Run) -> pd.Series:
+    """Largest σ₁(W)/σ₁(W₀) over the edited layers, per edit index."""
+    ly = run.layers.dropna(subset=["weight_sigma1_ratio"])
+    return ly.groupby("edit_index")["weight_sigma1_ratio"].max()
+
+
+def editor_table(seq: dict[str, Run]) -> pd.DataFrame:
+    """One row per sequential run: progress, forgetting, norms, warnings and speed."""
+    rows = []
+    for name, run in seq.items():
+        ph = forgetting_phases(run)
+        warns = early_warning(run)
+        lead = warning_lead(run, warns)
+        ev = run.evals.dropna(subset=["perplexity"]).sort_values("edit_index")
+        growth, s1 = weight_l1_growth(run), sigma1_ratio(run)
+        rows.append({"editor": name, "edits": len(run.edits),
+                     "efficacy": float(run.edits["efficacy"].astype(float).mean()),
+                     "retention_final": float(run.evals["retention"].dropna().iloc[-1])
+                     if run.evals["retention"].notna().any() else np.nan,
+                     "catastrophic_onset": ph["onset"] if ph["catastrophic"] else None,
+                     "gradual_slope_per_100": 100 * ph["gradual_slope"] if ph.get("gradual_slope") is not None
+                     else np.nan,
+                     "perplexity_ratio": float(ev["perplexity"].iloc[-1] / ev["perplexity"].iloc[0])
+                     if len(ev) > 1 else np.nan,
+                     "weight_l1_growth_pct": 100 * float(growth.iloc[-1]) if len(growth) else np.nan,
+                     "sigma1_ratio": float(s1.iloc[-1]) if len(s1) else np.nan,
+                     "first_warning": lead["first_warning"], "warning_signal": lead["first_signal"],
+                     "lead_edits": lead["lead"], "false_alarm": lead["false_alarm"],
+                     **{k: v for k, v in run_timing(run).items() if k != "edits"}})
+    return pd.DataFrame(rows)
+
+
+def batch_table(batch: dict[str, Run]) -> pd.DataFrame:
+    """One row per batch run: editor, batch size, edits, and the scores at its last checkpoint."""
+    rows = []
+    for name, run in batch.items():
+        ev = run.evals.dropna(subset=["neighborhood_score"]).sort_values("edit_index")
+        last = ev.iloc[-1] if len(ev) else None
+        rows.append({"run": name, "editor": run.config.get("editor"), "batch_size": int(run.config["batch_size"]),
+                     "edits": len(run.edits),
+                     "efficacy_end": float(last["efficacy"]) if last is not None else np.nan,
+                     "paraphrase_end": float(last["paraphrase_score"]) if last is not None else np.nan,
+                     "neighborhood_end": float(last["neighborhood_score"]) if last is not None else np.nan,
+                     "neighborhood_after_each_edit": float(run.edits["neighborhood_score"].mean()),
+                     **{k: v for k, v in run_timing(run).items() if k != "edits"}})
+    return pd.DataFrame(rows)
+
+
+def _common_edit(a: pd.Series, b: pd.Series) -> int | None:
+    both = sorted(set(a.index) & set(b.index))
+    return int(both[-1]) if both else None
+
+
+def study_findings(seq: dict[str, Run], batch: dict[str, Run]) -> pd.DataFrame:
+    """One row per finding: reproduced (True / False / "cannot say") and the numbers behind it."""
+    rows: list[dict[str, Any]] = []
+    onsets = {n: forgetting_phases(r) for n, r in seq.items()}
+    told = "; ".join(f"{n}: " + (f"edit {p['onset']}" if p["catastrophic"] else f"none in {len(seq[n].edits)} edits")
+                     for n, p in onsets.items())
+    rows.append({"finding": "(i) gradual forgetting turns catastrophic (onset edit per editor)",
+                 "reproduced": any(p["catastrophic"] for p in onsets.values()) if onsets else CANNOT_SAY,
+                 "evidence": told or "no sequential run yet"})
+    pts, per = [], {}
+    for n, run in seq.items():
+        growth = weight_l1_growth(run)
+        ev = run.evals.dropna(subset=["retention"])
+        xs = [(float(growth[int(e)]), 1 - float(r)) for e, r in zip(ev["edit_index"], ev["retention"])
+              if int(e) in growth.index]
+        pts += xs
+        if len(xs) >= 3 and np.ptp([x[1] for x in xs]) > 0:
+            per[n] = spearmanr(*zip(*xs)).statistic
+    rho = spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
+    rows.append({"finding": "(ii) weight_l1 growth tracks forgetting (Spearman ρ of growth vs 1 − retention)",
+                 "reproduced": bool(rho > 0.5) if np.isfinite(rho) else CANNOT_SAY,
+                 "evidence": (f"ρ = {rho:.2f} over {len(pts)} checkpoints of all sequential runs; per editor: " +
+                              ", ".join(f"{n} {v:.2f}" for n, v in per.items())) if np.isfinite(rho)
+                 else f"retention never changes over the {len(pts)} checkpoints: ρ undefined"})
+    if "memit" in seq:
+        g_m = weight_l1_growth(seq["memit"])
+        s_m = sigma1_ratio(seq["memit"])
+        parts, verdict = [], []
+        for n in ("d4s", "encore"):
+            if n not in seq:
+                continue
+            g = weight_l1_growth(seq[n])
+            e = _common_edit(g, g_m)
+            if e is None:
+                continue
+            s = sigma1_ratio(seq[n])
+            parts.append(f"at edit {e}: {n} weight_l1 {100 * g[e]:+.2f} % vs MEMIT {100 * g_m[e]:+.2f} %, "
+                         f"σ₁ ratio {s.get(e, np.nan):.3f} vs {s_m.get(e, np.nan):.3f}")
+            verdict.append(bool(abs(g[e]) < abs(g_m[e])))
+        rows.append({"finding": "(ii) D4S and ENCORE keep norm growth below MEMIT's",
+                     "reproduced": all(verdict) if verdict else CANNOT_SAY,
+                     "evidence": "; ".join(parts) or "no D4S or ENCORE run beside MEMIT yet"})
+    bt = batch_table(batch)
+    for editor, g in bt.groupby("editor") if len(bt) else []:
+        g = g.sort_values("batch_size")
+        done = g[g["edits"] == g["edits"].max()]
+        rows.append({"finding": f"(iii) bigger batches lower {editor.upper()}'s neighborhood score",
+                     "reproduced": bool(done["neighborhood_end"].iloc[-1] < done["neighborhood_end"].iloc[0])
+                     if len(done) > 1 else CANNOT_SAY,
+                     "evidence": ", ".join(f"batch {int(r.batch_size)}: {r.neighborhood_end:.3f} after {r.edits} edits"
+                                           for r in g.itertuples())})
+    return pd.DataFrame(rows, columns=["finding", "reproduced", "evidence"])
+
+
+def study_report(out: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The editor table, batch table and findings of the study in ``out`` (what exists so far)."""
+    seq, batch = study_runs(out)
+    return {"editors": editor_table(seq), "batches": batch_table(batch), "findings": study_findings(seq, batch)}
+
+
+def write_study_report(out: str | os.PathLike, figures: str | os.PathLike | None = None) -> str:
+    """Write ``findings.md`` (the three tables, markdown) into ``out`` and the figures of the sequential runs
+    (and of each batch-study editor) under ``figures`` (default ``out/figures``); returns the markdown."""
+    from .plots import write_figures
+    from .report import markdown_table
+
+    out = pathlib.Path(out)
+    seq, batch = study_runs(out)
+    tables = {"editors": editor_table(seq), "batches": batch_table(batch), "findings": study_findings(seq, batch)}
+    text = "\n".join(f"## {title}\n\n{markdown_table(df) if len(df) else '(none yet)'}\n"
+                     for title, df in (("Findings", tables["findings"]), ("Sequential runs", tables["editors"]),
+                                       ("Batch study", tables["batches"])))
+    (out / "findings.md").write_text(text, encoding="utf-8")
+    fig_dir = pathlib.Path(figures) if figures else out / "figures"
+    if seq:
+        write_figures(list(seq.values()), fig_dir / "seq")
+    for editor in sorted({r.config.get("editor") for r in batch.values()}):
+        write_figures([r for r in batch.values() if r.config.get("editor") == editor], fig_dir / f"batch-{editor}")
+    return text
