@@ -273,10 +273,12 @@ class EditSession:
             view = live_view.LiveView(self) if live_view.in_notebook() else None
         rows: list[dict[str, Any]] = []
         bar = progress_bar(total=len(records), desc=f"{self.editor.name} edits", unit="edit", disable=not progress)
+        ok = 0
         for i in range(0, len(records), batch_size):
-            rows += self.edit_batch(records[i:i + batch_size])
+            new = self.edit_batch(records[i:i + batch_size])
+            rows += new
             bar.update(min(batch_size, len(records) - i))
-            ok = sum(x["status"] == "ok" and bool(x.get("efficacy")) for x in rows)
+            ok += sum(x["status"] == "ok" and bool(x.get("efficacy")) for x in new)  # no walk over earlier rows
             bar.set_postfix(efficacy=f"{ok}/{len(rows)}")
             if view is not None:
                 view.update()
