@@ -113,6 +113,14 @@ def _panels(ax: Axes | Sequence[Axes] | None, n: int, ncols: int = 1, sharex: bo
     return axes[:n], False
 
 
+def _panel_title(axes: list[Axes], own: bool, title: str) -> None:
+    """The title of a group of panels: the figure's when they are a figure of their own, else the first panel's."""
+    if own:
+        axes[0].figure.suptitle(title)
+    else:
+        axes[0].set_title(title, loc="left")
+
+
 def _edit_axis(ax: Axes, label: str = "edits applied") -> None:
     """An x axis of edit counts: integer ticks only."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -250,10 +258,7 @@ def plot_forgetting(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = No
         _edit_axis(a, "edits applied" if i >= len(metrics) - ncols else "")
         if i == legend_at:
             _legend_outside(a)
-    if own:
-        axes[0].figure.suptitle("Forgetting of earlier edits")
-    else:
-        axes[0].set_title("Forgetting of earlier edits", loc="left")
+    _panel_title(axes, own, "Forgetting of earlier edits")
     return axes
 
 
@@ -280,10 +285,7 @@ def plot_spectral(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
         _edit_axis(a)
     _legend_outside(axes[1])
     title = "Spectral norm and value-norm growth"
-    if own:
-        axes[0].figure.suptitle(title)
-    else:
-        axes[0].set_title(title, loc="left")
+    _panel_title(axes, own, title)
     return axes
 
 
@@ -314,10 +316,7 @@ def plot_warnings(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize="x-small", loc="lower left")
     title = "Early warnings (edit-time signals) against forgetting"
-    if own:
-        axes[0].figure.suptitle(title)
-    else:
-        axes[0].set_title(title, loc="left")
+    _panel_title(axes, own, title)
     return axes
 
 
@@ -564,10 +563,7 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
         a.set_xlabel("")
     _edit_axis(axes[-1], "edits applied (edit index + 1)")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    if own:
-        axes[0].figure.suptitle("Model-level collapse signals")
-    else:
-        axes[0].set_title("Model-level collapse signals", loc="left")
+    _panel_title(axes, own, "Model-level collapse signals")
     return axes
 
 
