@@ -6,6 +6,10 @@ class CollapseDiagError(Exception):
     """Base class of every collapsediag error."""
 
 
+class HParamError(CollapseDiagError, ValueError):
+    """A hyper-parameter value an editor cannot use (raised when the editor is made, before any edit)."""
+
+
 class RecordError(CollapseDiagError, ValueError):
     """A fact record is malformed (missing field, empty target, subject not in prompt, ...)."""
 

@@ -12,6 +12,7 @@ from collapsediag.editors import get_editor
 from collapsediag.editors.encore import encore_solve
 from collapsediag.editors.target import (TargetSettings, _prefixed_all_top, mpes_count, optimise_target,
                                           target_batch)
+from collapsediag.errors import HParamError
 from collapsediag.requests import EditRequest
 
 from tests.test_memit import _spd
@@ -103,5 +104,7 @@ def test_mpes_setting_accepts_encore_sign():
     assert mpes_count(-3) == 3 and mpes_count(2) == 2 and mpes_count(0) == 0
     with pytest.raises(ValueError):
         mpes_count(1.5)
+    with pytest.raises(HParamError, match="mpes"):
+        get_editor("memit", {"mpes": 1.5})
     assert get_editor("rome", {"mpes": -2}).hparams.target_settings().mpes == 2
     assert get_editor("encore").hparams.target_settings().mpes == 2

@@ -22,6 +22,8 @@ def get_editor(name: str, hparams: dict[str, Any] | None = None) -> Editor:
     except KeyError:
         raise CollapseDiagError(f"unknown editor {name!r}; known: {sorted(EDITORS)}") from None
     hp = cls.HParams.from_dict(hparams or {})
+    if hasattr(hp, "target_settings"):
+        hp.target_settings()  # a bad value (e.g. mpes=1.5) fails here, not in every edit's status
     return cls(hp)
 
 

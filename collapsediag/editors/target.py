@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import get_module, n_layers, weight_matrix
-from ..errors import EditError
+from ..errors import EditError, HParamError
 from ..requests import EditRequest
 from ..tokens import continuation, encode, pad_batch, subject_span, target_ids
 from .keys import subject_prompts
@@ -48,8 +48,8 @@ class TargetSettings:
 
 def mpes_count(value: int | float) -> int:
     """MPES's step count from a setting written either way (ENCORE's prob_cutoff −k, or k); 0 = off."""
-    if value != int(value):
-        raise ValueError(f"mpes must be a whole number of steps (ENCORE writes it −k), got {value}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise HParamError(f"mpes must be a whole number of steps (ENCORE writes it −k), got {value!r}")
     return abs(int(value))
 
 
