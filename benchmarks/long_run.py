@@ -31,9 +31,19 @@ from collapsediag import EditSession, load_run  # noqa: E402
 from collapsediag.data import load_data  # noqa: E402
 from collapsediag.editors import get_editor  # noqa: E402
 from collapsediag.stats import StatsCache, TextCorpus  # noqa: E402
-from tests.conftest import build_tokenizer, corpus_texts, make_model  # noqa: E402
+from tests.conftest import build_tokenizer, corpus_texts  # noqa: E402
 
 DATA = "counterfact:" + str(pathlib.Path(__file__).resolve().parents[2] / "shared/data/counterfact_mend/counterfact-edit.json")
+
+
+def tiny_model(vocab: int) -> torch.nn.Module:
+    """A 2-layer GPT-2 of width 64 with random weights (positions enough for held-out perplexity)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
 
 
 def peak_rss_mb() -> float:
@@ -51,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     records = load_data(args.data, args.n)
     tok = build_tokenizer()
-    model = make_model("gpt2", len(tok))
+    model = tiny_model(len(tok))
     out = pathlib.Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     cache = StatsCache(out.parent / "long_run_stats")
@@ -77,7 +87,7 @@ def main() -> None:
     run = load_run(out)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    run.model_at(len(records) - 1, model=make_model("gpt2", len(tok)))
+    run.model_at(len(records) - 1, model=tiny_model(len(tok)))
     model_at = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(json.dumps({
