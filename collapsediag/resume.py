@@ -183,7 +183,6 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     session.edits = [_plain(r) for r in state.edits.to_dict("records")]
     session.layer_rows = [_plain(r) for r in state.layers.to_dict("records")]
     session.eval_rows = [_plain(r) for r in state.evals.to_dict("records")]
-    session.retention_rows = [_plain(r) for r in state.retention.to_dict("records")]
     session.checkpoints = list(state.checkpoints)
     for row in session.edits:
         i = int(row["edit_index"])

@@ -129,7 +129,7 @@ class EditSession:
         self.edits: list[dict[str, Any]] = []
         self.layer_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
-        self.retention_rows: list[dict[str, Any]] = []
+        self.retention_rows: list[dict[str, Any]] = []  # in memory only without ``out`` (else on disk)
         self.config = self._config(config or {})
         if out is None:
             self.writer = None
@@ -299,7 +299,8 @@ class EditSession:
         if self.writer is not None:
             self.writer.append("retention", retention_rows)
             self.writer.append("evals", [row])
-        self.retention_rows.extend(retention_rows)
+        else:  # a saved run keeps them on disk only: the table grows fastest in long runs
+            self.retention_rows.extend(retention_rows)
         self.eval_rows.append(row)
         return row
 
