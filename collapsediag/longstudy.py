@@ -118,22 +118,22 @@ class LongStudy:
         _write_status(self.out, self.status)
 
     def sequential(self) -> dict[str, Run]:
-        """The sequential runs, advanced together one checkpoint interval at a time."""
+        """The sequential runs, advanced together one checkpoint interval at a time: the run furthest behind goes
+        next, so a resumed study evens them out first."""
         plan, n = self.plan, self.plan.n_edits
         paths = {e: self.out / "seq" / e for e in plan.editors}
         sessions = {e: self._open(paths[e], e, n, 1, plan.eval_every) for e in plan.editors}
         bar = progress_bar(total=n * len(sessions), desc="sequential study", unit="edit", disable=not self.progress)
         bar.update(sum(s.n_edits for s in sessions.values()))
         while any(s.n_edits < n for s in sessions.values()):
-            for e, s in sessions.items():
-                if s.n_edits >= n:
-                    continue
-                stop = min(n, (s.n_edits // plan.eval_every + 1) * plan.eval_every)
-                bar.set_postfix(editor=e, edit=s.n_edits)
-                before = s.n_edits
-                s.run(self.records[s.n_edits:stop], batch_size=1, progress=False)
-                bar.update(s.n_edits - before)
-                self._record(f"seq/{e}", paths[e])
+            e = min(sessions, key=lambda name: sessions[name].n_edits)  # the run furthest behind (ties: plan order)
+            s = sessions[e]
+            stop = min(n, (s.n_edits // plan.eval_every + 1) * plan.eval_every)
+            bar.set_postfix(editor=e, edit=s.n_edits)
+            before = s.n_edits
+            s.run(self.records[s.n_edits:stop], batch_size=1, progress=False)
+            bar.update(s.n_edits - before)
+            self._record(f"seq/{e}", paths[e])
         bar.close()
         return {e: load_run(p) for e, p in paths.items()}
 

@@ -70,3 +70,14 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
     for name in ("spectral", "warnings", "norm_growth", "forgetting"):
         assert (tmp_path / "f" / "seq" / f"{name}.png").exists(), name
     assert (tmp_path / "f" / "batch-memit" / "batch_neighborhood.png").exists()
+
+
+def test_a_resumed_study_advances_the_run_furthest_behind_first(tok, tmp_path):
+    first = LongStudyPlan(n_edits=2, editors=("rome",), eval_every=2, batch_editors=(), eval_passages=2,
+                          generation_prompts=1, hparams=HP)
+    _study(tok, tmp_path, first, batches=False)  # ROME alone gets ahead
+    both = LongStudyPlan(**{**first.__dict__, "n_edits": 4, "editors": ("rome", "memit")})
+    _study(tok, tmp_path, both, batches=False)
+    rome = (tmp_path / "study" / "seq" / "rome" / "edits.jsonl").stat().st_mtime
+    memit_first = (tmp_path / "study" / "seq" / "memit" / "factors" / "batch_000001.npz").stat().st_mtime
+    assert memit_first < rome  # MEMIT caught up to edit 2 before ROME went on to edit 4
