@@ -136,17 +136,38 @@ def run_command(args: argparse.Namespace) -> int:
         log.info("resuming %s after %d edits", args.out, session.n_edits)
     else:
         batch_size = len(records) if args.mode == "batch" else (args.batch_size or 1)
+        stats = _published(args, model, editor)
         session = EditSession(model, tok, editor, out=args.out, corpus=corpus, stats_tokens=args.stats_tokens,
+                              stats=stats,
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
                               retention_sample=args.retention_sample, snapshot_every=args.snapshot_every,
                               eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
                               templates=None if args.context is None else _templates(model, tok, args),
                               config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
+                                      "projector_file": str(pathlib.Path(args.projector).resolve())
+                                      if args.projector else None,
                                       "batch_size": batch_size, "stats_corpus": corpus.name,
                                       "eval_text": args.eval_text})
     session.run(records[session.n_edits:], batch_size=batch_size)
     print(format_report([load_run(args.out)]))
     return 0
+
+
+def _published(args: argparse.Namespace, model: Any, editor: Any) -> Any:
+    """Statistics from ``--stats-dir`` (None: compute or take them from the cache); ``--projector`` given to
+    AlphaEdit."""
+    from .arch import arch_for
+    from .models import model_name
+
+    if args.projector:
+        if not hasattr(editor, "set_projector"):
+            raise CollapseDiagError(f"--projector is AlphaEdit's null-space projector; {editor.name} does not use one")
+        editor.set_projector(args.projector, model)
+    if not args.stats_dir:
+        return None
+    from .published import published_stats
+
+    return published_stats(args.stats_dir, model, arch_for(model), editor.layers(), model_name(model))
 
 
 def resume_inputs(args: argparse.Namespace) -> None:
@@ -428,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an editor hyper-parameter, repeatable (e.g. v_num_grad_steps=25; "
                         "default: the editor's defaults)")
     _stats_options(r)
+    r.add_argument("--stats-dir", default=None,
+                   help="load the key statistics from kmeng01/rome or kmeng01/memit npz files under DIR (the root "
+                        "of model folders, or the folder of the npz files) instead of computing them")
+    r.add_argument("--projector", default=None,
+                   help="AlphaEdit: its null_space_project.pt ([n_layers, d, d], layers in --layers order) instead "
+                        "of the projector computed from the statistics")
     r.set_defaults(func=run_command)
 
     st = sub.add_parser("study", help="the long study: hundreds of sequential edits per editor, then MEMIT and EMMET "

@@ -142,6 +142,8 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     if model_fingerprint(model) != cfg["model_fingerprint"]:
         raise CollapseDiagError("resume needs the run's unedited base model (fingerprint differs)")
     editor = get_editor(cfg["editor"], cfg["hparams"])
+    if cfg.get("projector_file"):
+        editor.set_projector(cfg["projector_file"], model)
     arch = ArchSpec(**cfg["arch"])
     stats = _stats_from_config(model, tok, arch, cfg, cache, corpus, progress)
     eval_every = int(cfg.get("eval_every") or 0)

@@ -67,6 +67,18 @@ class AlphaEdit(KeySumMemit):
         super().__init__(hparams)
         self._basis: dict[int, torch.Tensor] = {}
 
+    def set_projector(self, path: str, model: torch.nn.Module) -> None:
+        """Use AlphaEdit's saved ``null_space_project.pt`` (one projector per edited layer, in the order of
+        ``hparams.layers``) instead of computing the projectors from the statistics."""
+        from ..arch import arch_for, get_module, weight_matrix
+        from ..published import load_projector_file
+
+        arch = arch_for(model)
+        d_in = weight_matrix(get_module(model, arch.rewrite_name(self.hparams.layers[0]))).shape[1]
+        by_layer = load_projector_file(path, list(self.hparams.layers), d_in)
+        device = next(model.parameters()).device
+        self._basis = {layer: u.to(device) for layer, u in by_layer.items()}
+
     def basis(self, layer: int, env: EditEnv) -> torch.Tensor:
         """U of the projector at ``layer`` (computed once)."""
         if layer not in self._basis:
