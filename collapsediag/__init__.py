@@ -12,7 +12,8 @@ from .scan import read_scan, scan, write_scan  # noqa: E402
 from .session import EditSession  # noqa: E402
 from .stats import LayerStats, StatsCache, TextCorpus  # noqa: E402
 from .store import Run, load_run  # noqa: E402
+from .watch import watch  # noqa: E402
 
 __all__ = ["ArchSpec", "CollapseDiagError", "Delta", "EDITORS", "EditError", "EditRequest", "EditSession",
            "LayerStats", "ModelNotFoundError", "RecordError", "Run", "StatsCache", "TextCorpus", "__version__",
-           "apply_deltas", "arch_for", "get_editor", "load_model", "load_run", "read_scan", "scan", "write_scan"]
+           "apply_deltas", "arch_for", "get_editor", "load_model", "load_run", "read_scan", "scan", "watch", "write_scan"]

@@ -73,6 +73,8 @@ LAYERS = [
        "writes an update several times the matrix's own norm)"),
     _c("drift_fro", "float", "norm / numel", "‖W − W₀‖_F / numel(W): distance from the unedited weights"),
     _c("drift_l1", "float", "mean |w|", "‖W − W₀‖₁ / numel(W) (D4S's delta_nom_1: the total change so far)"),
+    _c("update_rank", "int", "count", "rank of the observed weight change (singular values above 1e-6 of the largest)",
+       "watched"),
     _c("weight_sigma1", "float", "norm", "σ₁(W): spectral norm of the edited matrix after the update (warm-started "
        "subspace iteration, relative tolerance 1e-5)"),
     _c("weight_sigma1_ratio", "float", "ratio", "σ₁(W) / σ₁(W₀): spectral-norm growth since the unedited weights"),
