@@ -85,7 +85,7 @@ LAYERS = [
        "spectral entropy of W − W₀ over its top 8 singular values, pᵢ = σᵢ²/Σⱼσⱼ² (0: one direction; at most "
        "log 8 = 2.08)"),
     _c("weight_condition", "float", "ratio",
-       "cond(W) = σ_max/σ_min of the edited matrix (PRUNE); only on the last batch before a checkpoint",
+       "cond(W) = σ_max/σ_min of the edited matrix (PRUNE); only on the last batch before each periodic checkpoint (every `eval_every` edits)",
        "all, at checkpoints"),
     _c("denominator", "float", "key units",
        "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "

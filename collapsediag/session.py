@@ -19,12 +19,12 @@ from torch import nn
 
 from . import __version__
 from .arch import ArchSpec, arch_for, get_module, weight_matrix
+from .checkpoints import DEFAULT_SAMPLE
 from .editors import Delta, Editor, apply_deltas
 from .editors.base import EditEnv
 from .editors.context import generate_templates
 from .editors.target import TargetCache
 from .errors import CollapseDiagError, ModeError
-from .checkpoints import DEFAULT_SAMPLE
 from .evaluate import request_probs, request_scores
 from .fluency import GENERATION_PROMPTS, heldout_texts
 from .models import model_fingerprint, model_name
