@@ -106,7 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
     from .data import load_data
     from .editors import get_editor
     from .fluency import heldout_texts
-    from .models import load_config, load_model, n_layers
+    from .models import load_config, n_layers
     from .report import format_report
     from .session import EditSession
     from .stats import StatsCache
@@ -134,7 +134,7 @@ def run_command(args: argparse.Namespace) -> int:
     records = check_records(load_data(args.data, args.n_edits), args.data)
     if editor is not None:
         check_layers(editor.layers(), n_layers(load_config(args.model)), args.model)
-    model, tok = load_model(args.model)
+    model, tok = _load(args)
     corpus = _corpus(args)
     cache = StatsCache(args.cache_dir)
     if resuming:
@@ -199,7 +199,7 @@ def scan_command(args: argparse.Namespace) -> int:
 
     from .checks import check_layers, check_records
     from .data import load_data
-    from .models import load_config, load_model, n_layers
+    from .models import load_config, n_layers
     from .report import readable
     from .scan import scan, write_scan
     from .stats import StatsCache
@@ -208,7 +208,7 @@ def scan_command(args: argparse.Namespace) -> int:
         raise CollapseDiagError(f"--out must end in .csv or .parquet, got {args.out!r}")
     records = check_records(load_data(args.data, args.n_edits), args.data, warn=False)  # scan warns itself
     check_layers(args.layers, n_layers(load_config(args.model)), args.model)
-    model, tok = load_model(args.model)
+    model, tok = _load(args)
     corpus, cache = _corpus(args), StatsCache(args.cache_dir)
     frames: list[pd.DataFrame] = []
     for layer in args.layers:  # the context templates do not depend on the layer: generated once
@@ -319,7 +319,6 @@ def demo_command(args: argparse.Namespace) -> int:
 
     from .data import own_facts
     from .editors.rome import Rome
-    from .models import load_model
     from .plots import write_figures
     from .report import format_report, markdown_table, readable
     from .scan import write_scan
@@ -337,7 +336,7 @@ def demo_command(args: argparse.Namespace) -> int:
                      else args.hparams) if args.hparams else None
     if hparams is not None and not isinstance(hparams, dict):
         raise CollapseDiagError(f"--hparams must be a JSON object {{editor: {{key: value}}}}, got {args.hparams!r}")
-    model, tok = load_model(args.model)
+    model, tok = _load(args)
     cache = StatsCache(args.cache_dir)
     facts = own_facts()
     risk = demo_scan(model, tok, facts, size, hparams=hparams, stats_tokens=args.stats_tokens, cache=cache,
@@ -371,7 +370,6 @@ def study_command(args: argparse.Namespace) -> int:
     from .checks import check_records
     from .data import load_data
     from .longstudy import LongStudyPlan, run_long_study
-    from .models import load_model
     from .stats import StatsCache
 
     if args.report:
@@ -386,7 +384,7 @@ def study_command(args: argparse.Namespace) -> int:
                          batch_sizes=tuple(args.batch_sizes), batch_edits=args.batch_edits, seed=args.seed)
     need = max(plan.n_edits, plan.batch_edits if args.batch_editors else 0)
     records = check_records(load_data(args.data, need), args.data)
-    model, tok = load_model(args.model)
+    model, tok = _load(args)
     result = run_long_study(model, tok, records, args.out, plan, batches=bool(args.batch_editors), data=args.data,
                             corpus=_corpus(args), cache=StatsCache(args.cache_dir), stats_tokens=args.stats_tokens,
                             progress=not args.quiet)
@@ -401,6 +399,18 @@ def study_command(args: argparse.Namespace) -> int:
 def _model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="Hugging Face name or local path of a causal LM, or smollm2-135m (the embedded model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model's forward passes (statistics, solves and norms stay float32/float64)")
+    p.add_argument("--device", default="cpu", help="device of the model, e.g. cuda or cuda:1")
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over devices (e.g. auto, with accelerate); overrides --device")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and tokenizer of ``--model`` with ``--dtype``, ``--device`` and ``--device-map``."""
+    from .models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
 
 
 def _stats_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError
+from .errors import CollapseDiagError, ModelNotFoundError
 
 EMBEDDED = "smollm2-135m"
 BUILTIN = (EMBEDDED,)  # names that load without a hub or a path
@@ -86,14 +86,31 @@ def _embedded_source(cache: bool) -> tuple[str, dict]:
     return str(target), {}
 
 
-def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", dequantized_cache: bool = True) -> tuple[nn.Module, object]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(value: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name (float32, bfloat16, float16)."""
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[str(value).replace("torch.", "")]
+    except KeyError:
+        raise CollapseDiagError(f"dtype {value!r}: use one of {', '.join(DTYPES)}") from None
+
+
+def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype | str = torch.float32,
+               device: str | torch.device = "cpu", dequantized_cache: bool = True,
+               device_map: str | dict | None = None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, in eval mode, with a pad token and right padding.
 
     ``"smollm2-135m"`` loads the embedded SmolLM2-135M-Instruct, dequantised to float32. With
     ``dequantized_cache`` the dequantised weights are saved once under ``$COLLAPSEDIAG_CACHE/models`` and
     later loads read them memory-mapped (same weights, lower peak memory); False reads the GGUF each time.
-    The model's device and dtype are what every editor computes in.
+    The model's device and dtype are what the forward passes run in; statistics, solves and norms stay in
+    float32/float64 whatever the dtype. ``dtype`` may be a name (``"bfloat16"``). ``device_map`` (e.g.
+    ``"auto"``) spreads the model over several devices (``device`` is then ignored); every tensor an editor
+    makes goes to the device of the module it works with.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,12 +122,15 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
         kwargs = _hub_kwargs(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), **kwargs,
+                                                     **({"device_map": device_map} if device_map else {}))
     except OSError as exc:
         close = _nearest_builtin(name_or_path)
         hint = f" Did you mean {close!r}? Built-in: {', '.join(BUILTIN)}." if close else ""
         raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {exc}{hint}") from exc
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     prepare_tokenizer(tok)
     model.collapsediag_name = name_or_path

@@ -97,7 +97,6 @@ def published_stats(stats_dir: str | os.PathLike, model: torch.nn.Module, arch: 
     root = pathlib.Path(stats_dir).expanduser()
     out = {}
     t0 = time.perf_counter()
-    device = next(model.parameters()).device
     for layer in layers:
         module = arch.rewrite_name(layer)
         path = find_stats_file(root, module)
@@ -105,9 +104,9 @@ def published_stats(stats_dir: str | os.PathLike, model: torch.nn.Module, arch: 
         if folder is not None and model_name and not _names_match(folder, model_name):
             warnings.warn(f"statistics file {path} is in a folder named for model {folder!r}, but the loaded "
                           f"model is {model_name!r}", stacklevel=2)
-        d_in = weight_matrix(get_module(model, module)).shape[1]
-        stats = load_stats_file(path, layer, d_in)
-        stats.mom2 = stats.mom2.to(device)
+        weight = weight_matrix(get_module(model, module))
+        stats = load_stats_file(path, layer, weight.shape[1])
+        stats.mom2 = stats.mom2.to(weight.device)
         out[layer] = stats
     log.info("loaded published statistics of layers %s in %.2f s", layers, time.perf_counter() - t0)
     return out

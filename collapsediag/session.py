@@ -37,6 +37,12 @@ from .store import RunWriter
 from .tokens import first_content_index, subject_span
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array; half precision as float32, which holds its values exactly."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -165,7 +171,7 @@ class EditSession:
             "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
             "diagnostics": self.diagnostics,
             "padding_side": getattr(self.tok, "padding_side", None), "versions": _versions(),
-            "initial_weights": {str(k): {"weight_l1": float(w.abs().mean()), "weight_fro": float(w.norm())}
+            "initial_weights": {str(k): {"weight_l1": float(w.float().abs().mean()), "weight_fro": float(w.float().norm())}
                                 for k, w in self.w0.items()},
             **extra,
         }
@@ -247,7 +253,7 @@ class EditSession:
         if self.writer is not None and self.snapshot_every and before // self.snapshot_every != \
                 self.n_edits // self.snapshot_every:
             self.writer.save_snapshot(self.n_edits - 1, {
-                f"w_{layer}": weight_matrix(get_module(self.model, self.arch.rewrite_name(layer))).detach().cpu().numpy()
+                f"w_{layer}": _numpy(weight_matrix(get_module(self.model, self.arch.rewrite_name(layer))))
                 for layer in self.layers})
         self.n_batches += 1
         if self.eval_every and before // self.eval_every != self.n_edits // self.eval_every:
@@ -353,15 +359,15 @@ class EditSession:
         _, logged = rec.pop()
         rows = []
         for d in deltas:
-            w = weight_matrix(get_module(self.model, d.module)).detach()
-            dw = d.dense().to(w.dtype)
+            w = weight_matrix(get_module(self.model, d.module)).detach().float()  # norms in float32 at least
+            dw = d.dense().to(w.device, w.dtype)
             n = w.numel()
             row = {"edit_index": index, "batch_index": batch, "layer": d.layer, "module": d.module,
                    "weight_l1": float(w.abs().sum() / n), "weight_fro": float(w.norm()),
                    "delta_l1": float(dw.abs().sum() / n), "delta_fro": float(dw.norm()),
                    "update_ratio": float(dw.norm() / (w - dw).norm().clamp_min(1e-30)),
-                   "drift_fro": float((w - self.w0[d.layer]).norm() / n),
-                   "drift_l1": float((w - self.w0[d.layer]).abs().sum() / n)}
+                   "drift_fro": float((w - self.w0[d.layer].float()).norm() / n),
+                   "drift_l1": float((w - self.w0[d.layer].float()).abs().sum() / n)}
             tracker = self.spectra.get(d.layer)
             if tracker is None:
                 tracker = self.spectra[d.layer] = SpectralTracker(self.w0[d.layer])
@@ -384,8 +390,8 @@ class EditSession:
         if deltas:
             factors = {f"state_{k}": v for k, v in state.items()}
             for d in deltas:
-                factors[f"left_{d.layer}"] = d.left.detach().cpu().numpy()
-                factors[f"right_{d.layer}"] = d.right.detach().cpu().numpy()
+                factors[f"left_{d.layer}"] = _numpy(d.left)
+                factors[f"right_{d.layer}"] = _numpy(d.right)
             self.writer.save_factors(batch, factors)
         self.writer.append("layers", layer_rows)
         self.writer.append("edits", rows)

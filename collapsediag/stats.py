@@ -226,7 +226,8 @@ class StatsCache:
                 os.replace(tmp, p)
                 ident = dict(idents[layer], token_count=count, cache_file=str(p))
                 out[layer] = LayerStats(layer, mom2.cpu(), count, ident)
-        device = next(model.parameters()).device
-        for s in out.values():
-            s.mom2 = s.mom2.to(device)
+        from .arch import get_module, weight_matrix
+
+        for layer, s in out.items():  # on the device of the module it serves (device_map may spread layers)
+            s.mom2 = s.mom2.to(weight_matrix(get_module(model, arch.rewrite_name(layer))).device)
         return out

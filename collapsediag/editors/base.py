@@ -32,7 +32,9 @@ class Delta:
     right: torch.Tensor  # [d_in, r]
 
     def dense(self) -> torch.Tensor:
-        """The full update matrix [d_out, d_in]."""
+        """The full update matrix [d_out, d_in] (products of half-precision factors in float32)."""
+        if self.left.dtype in (torch.bfloat16, torch.float16):
+            return self.left.float() @ self.right.float().T
         return self.left @ self.right.T
 
     def is_finite(self) -> bool:

@@ -146,9 +146,10 @@ def target_batch(tok: object, req: EditRequest, templates: list[str], device: to
 
 def _prefixed_all_top(tok_logp: torch.Tensor, part: TargetBatch) -> bool:
     """Whether, in the prefixed prompts of ``part``, every target token is the argmax at its position."""
-    wrong = (tok_logp.argmax(dim=-1) != part.target_tokens).float()
-    per_prompt = torch.zeros(part.n_prompts, device=wrong.device).index_add(0, part.row_of_token, wrong)
-    keep = part.prefixed if part.prefixed is not None else torch.ones_like(per_prompt, dtype=torch.bool)
+    dev = tok_logp.device
+    wrong = (tok_logp.argmax(dim=-1) != part.target_tokens.to(dev)).float()
+    per_prompt = torch.zeros(part.n_prompts, device=dev).index_add(0, part.row_of_token.to(dev), wrong)
+    keep = part.prefixed.to(dev) if part.prefixed is not None else torch.ones_like(per_prompt, dtype=torch.bool)
     return bool((per_prompt[keep] == 0).all())
 
 
@@ -161,12 +162,12 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
     """
     device = next(model.parameters()).device
     bt = target_batch(tok, req, templates, device)
-    dtype = next(model.parameters()).dtype
     parts = bt.split(ROWS_PER_PASS)
     fwds = [target_forward(model, arch, module, part, fast=fast) for part in parts]
     init = fwds[0].init
     n_kl = len(bt.rows) - bt.n_tok
-    delta = torch.zeros_like(init, requires_grad=True)
+    # δ and its optimiser state in float32 on the edited module's device, whatever the model's dtype
+    delta = torch.zeros(init.shape, dtype=torch.float32, device=init.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=settings.lr)
     kl_init: list[torch.Tensor | None] = [None] * len(parts)
     steps_done = 0
@@ -182,10 +183,12 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
         for i, (part, fwd) in enumerate(zip(parts, fwds)):
             with torch.set_grad_enabled(not last):
                 lp = torch.log_softmax(fwd.logits(delta).float(), dim=-1)
-                tok_lp = lp[:part.n_tok].gather(1, part.target_tokens[:, None]).squeeze(1)
+                out_dev = lp.device  # the LM head's device (another GPU than the inputs' under device_map)
+                tok_lp = lp[:part.n_tok].gather(1, part.target_tokens.to(out_dev)[:, None]).squeeze(1)
                 if mpes_need:
                     all_top = all_top and _prefixed_all_top(lp[:part.n_tok], part)
-                per_prompt = torch.zeros(part.n_prompts, device=device).index_add(0, part.row_of_token, tok_lp)
+                per_prompt = torch.zeros(part.n_prompts, device=out_dev).index_add(0, part.row_of_token.to(out_dev),
+                                                                                  tok_lp)
                 nll = -(per_prompt / bt.target_len).sum() / bt.n_prompts
                 kl_lp = lp[part.n_tok:]
                 if kl_init[i] is None:
@@ -214,10 +217,10 @@ def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: 
         opt.step()
         steps_done += 1
         with torch.no_grad():
-            max_norm = settings.clamp_norm_factor * init.norm()
+            max_norm = settings.clamp_norm_factor * init.float().norm()
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    result = TargetResult(init=init.to(dtype), delta=delta.detach().to(dtype), steps=steps_done,
+    result = TargetResult(init=init.float(), delta=delta.detach(), steps=steps_done,
                           loss=loss_v, nll=nll_v, kl=kl_v, mpes_step=mpes_step)
     if not torch.isfinite(result.target).all():
         raise EditError(req.case_id, "non-finite target vector v*")
@@ -262,7 +265,7 @@ class TargetCache:
         digest = hashlib.sha1()
         for layer in range(n_layers(model, arch)):
             w = weight_matrix(get_module(model, arch.rewrite_name(layer))).detach()
-            digest.update(w.cpu().contiguous().numpy().tobytes())
+            digest.update(w.cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bit for bit
         return digest.hexdigest()
 
     def get(self, model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
