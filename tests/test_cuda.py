@@ -43,3 +43,22 @@ def test_editor_on_cuda_matches_cpu(tok, env_for, tmp_path, editor):
     assert next(gpu.parameters()).is_cuda
     for name, w in weights[0].items():
         assert torch.allclose(weights[1][name], w, rtol=1e-3, atol=1e-4), name
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit", "alphaedit"])
+def test_model_split_across_cpu_and_gpu_with_device_map(tok, env_for, tmp_path, editor):
+    """Layers 0–1 on the CPU, layer 2 and the head on the GPU: every tensor an editor or the evaluation makes must
+    sit with the module it works with, or an edit fails with a 'same device' error in its status."""
+    from accelerate import dispatch_model
+
+    cpu = make_model("llama", len(tok))
+    env = env_for(cpu, [1, 2], tmp_path)
+    split = dispatch_model(copy.deepcopy(cpu), device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu",
+                                                           "model.layers.1": "cpu", "model.layers.2": 0,
+                                                           "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0})
+    hp = dict(HP.get(editor, {}), **({"layers": [1, 2]} if editor != "rome" else {}))
+    s = EditSession(split, tok, get_editor(editor, hp), out=tmp_path / "run", stats=env.stats,
+                    templates=env.templates, progress=False, eval_every=2, eval_texts=["The city of music."],
+                    generation_prompts=["The city"], generation_tokens=4)
+    rows = s.run(RECORDS, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
