@@ -288,7 +288,16 @@ def report_command(args: argparse.Namespace) -> int:
     from .report import format_report
     from .store import load_run
 
-    print(format_report([load_run(d) for d in args.dirs], fmt=args.format), end="")
+    from .report import markdown_table, readable
+    from .sweep import expand_dirs, sweep_table
+
+    for d in args.dirs:
+        if (pathlib.Path(d) / "sweep.json").exists():
+            table = sweep_table(d)
+            print(f"Sweep {d} ({len(table)} cells)")
+            print((markdown_table(table) if args.format == "markdown" else readable(table).to_string(index=False))
+                  + "\n")
+    print(format_report([load_run(d) for d in expand_dirs(args.dirs)], fmt=args.format), end="")
     return 0
 
 
@@ -301,7 +310,9 @@ def figures_command(args: argparse.Namespace) -> int:
     from .scan import read_scan
     from .store import load_run
 
-    runs = [load_run(d) for d in args.dirs]
+    from .sweep import expand_dirs
+
+    runs = [load_run(d) for d in expand_dirs(args.dirs)]
     disabling = {r.path.name: disabling_edits(r) for r in runs}
     # on ROME's risk scan, mark the ROME runs' collapses
     confirmed = [d for r in runs if r.config.get("editor") == "rome" and len(d := disabling[r.path.name])]
@@ -394,6 +405,24 @@ def study_command(args: argparse.Namespace) -> int:
     print(f"study in {args.out}: {len(result['seq'])} sequential runs, {len(result['batch'])} batch runs "
           f"(timings in {pathlib.Path(args.out) / 'study.json'}, findings in {pathlib.Path(args.out) / 'findings.md'})")
     return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """``collapsediag sweep SPEC.toml --out DIR``: every cell of the grid, skipping finished ones."""
+    from .sweep import sweep, sweep_table
+
+    t0 = __import__("time").perf_counter()
+    results = sweep(args.spec, args.out, engine=args.engine, workers=args.workers, address=args.address)
+    failed = [r for r in results if r["returncode"] != 0]
+    done = sum(not r["skipped"] for r in results)
+    print(f"{len(results)} cells: {done} run, {len(results) - done} already finished, {len(failed)} failed "
+          f"({__import__('time').perf_counter() - t0:.0f} s, engine {args.engine})")
+    for r in failed:
+        print(f"  {r['cell']}: exit {r['returncode']} (stderr in {pathlib.Path(args.out) / (r['cell'] + '.err')})")
+    from .report import readable
+
+    print(readable(sweep_table(args.out)).to_string(index=False))
+    return 1 if failed else 0
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -526,6 +555,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0, help="seed of the context templates, v* and generations")
     _stats_options(st)
     st.set_defaults(func=study_command)
+
+    sw = sub.add_parser("sweep", help="a grid of runs from a TOML spec (local processes or Ray tasks); run it again "
+                                      "to finish what is missing", parents=[common], formatter_class=_Formatter,
+                        description="Every cell of SPEC's [grid] (lists multiply out) as one run in OUT/<cell>; "
+                                    "finished cells are skipped, unfinished ones resumed. See examples/sweep.toml.")
+    sw.add_argument("spec", help="the sweep's TOML file")
+    sw.add_argument("--out", required=True, help="sweep directory (one run per cell, sweep.json)")
+    sw.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: processes on this machine; ray: one Ray task per cell ([resources] of SPEC)")
+    sw.add_argument("--workers", type=positive_int, default=1, help="--engine local: cells at once")
+    sw.add_argument("--address", default=None,
+                    help="--engine ray: auto or HOST:PORT of a running cluster (default: start a local one)")
+    sw.set_defaults(func=sweep_command)
 
     sc = sub.add_parser("scan", help="pre-edit risk scan: ROME's denominators and key geometry of every record, "
                                      "no edit made", parents=[common], formatter_class=_Formatter,
