@@ -165,7 +165,8 @@ class Memit(EditorBase):
                 keys = torch.stack([keys_at_subject(model, tok, name, r, env.templates).mixed
                                     for r in requests]).double().T  # [d_in, n]
                 h = h_once if h_once is not None else outputs_at_subject(model, tok, block, requests).double()
-                resid = (z - h).T / (len(layers) - i)  # [d_out, n]
+                # [d_out, n], on this layer's device (under device_map, block L may sit on another one)
+                resid = (z.to(h.device) - h).T.to(keys.device) / (len(layers) - i)
                 left, right, diag = self.solve(layer, keys, resid, env)
                 delta = Delta(module=name, layer=layer, left=left.to(w_dtype), right=right.to(w_dtype))
                 if not delta.is_finite():
