@@ -108,8 +108,11 @@ def test_a_killed_local_sweep_finishes_equal_to_an_uninterrupted_one(tmp_path):
     _same_runs(tmp_path / "clean", tmp_path / "cut")
 
 
-def test_ray_sweep_survives_a_killed_worker(tmp_path):
+def test_ray_sweep_survives_a_killed_worker(tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    # a Ray task runs its cell with OMP_NUM_THREADS = cpus_per_run; CPU reductions depend on the thread count,
+    # so the uninterrupted reference runs with the same one
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = _spec(tmp_path, 'editor = ["rome", "r-rome"]', n_edits=4)
     with open(spec, "a") as f:
         f.write("\n[resources]\ncpus_per_run = 1\nmax_retries = 3\n")
