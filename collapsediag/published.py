@@ -88,12 +88,20 @@ def load_stats_file(path: str | os.PathLike, layer: int, d_in: int) -> LayerStat
     return LayerStats(layer, c, count, ident)
 
 
+def stats_for_module(path: str | os.PathLike, model: torch.nn.Module, arch: ArchSpec, layer: int) -> LayerStats:
+    """One published file as the statistics of ``layer``'s edited module: its size checked, on its device."""
+    from .arch import get_module, weight_matrix
+
+    weight = weight_matrix(get_module(model, arch.rewrite_name(layer)))
+    stats = load_stats_file(path, layer, weight.shape[1])
+    stats.mom2 = stats.mom2.to(weight.device)
+    return stats
+
+
 def published_stats(stats_dir: str | os.PathLike, model: torch.nn.Module, arch: ArchSpec, layers: list[int],
                     model_name: str | None = None) -> dict[int, LayerStats]:
     """Published statistics of every layer in ``layers`` for ``model``; warns when the file sits in a folder
     named after another model, and fails when its dimension does not fit."""
-    from .arch import get_module, weight_matrix
-
     root = pathlib.Path(stats_dir).expanduser()
     out = {}
     t0 = time.perf_counter()
@@ -104,10 +112,7 @@ def published_stats(stats_dir: str | os.PathLike, model: torch.nn.Module, arch: 
         if folder is not None and model_name and not _names_match(folder, model_name):
             warnings.warn(f"statistics file {path} is in a folder named for model {folder!r}, but the loaded "
                           f"model is {model_name!r}", stacklevel=2)
-        weight = weight_matrix(get_module(model, module))
-        stats = load_stats_file(path, layer, weight.shape[1])
-        stats.mom2 = stats.mom2.to(weight.device)
-        out[layer] = stats
+        out[layer] = stats_for_module(path, model, arch, layer)
     log.info("loaded published statistics of layers %s in %.2f s", layers, time.perf_counter() - t0)
     return out
 

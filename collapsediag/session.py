@@ -68,18 +68,9 @@ def _stats_from_config(model: nn.Module, tok: object, arch: ArchSpec, cfg: dict[
     idents = cfg["stats"]
     first = next(iter(idents.values()))
     if first.get("source") == "published":  # loaded from the field's npz files: read the same files again
-        from .arch import get_module, weight_matrix
-        from .published import load_stats_file
+        from .published import stats_for_module
 
-        device = next(model.parameters()).device
-        out = {}
-        for key, ident in idents.items():
-            layer = int(key)
-            stats = load_stats_file(ident["file"], layer,
-                                    weight_matrix(get_module(model, arch.rewrite_name(layer))).shape[1])
-            stats.mom2 = stats.mom2.to(device)
-            out[layer] = stats
-        return out
+        return {int(key): stats_for_module(ident["file"], model, arch, int(key)) for key, ident in idents.items()}
     if corpus is None:
         corpus = TextCorpus.from_file(first["corpus"])  # the packaged corpus is recorded by its path too
     if corpus.sha256 != first["corpus_sha256"]:

@@ -120,6 +120,19 @@ def weight_l1_growth(run: Run) -> pd.Series:
     return g.groupby(ly["edit_index"]).max()
 
 
+def growth_vs_forgetting(run: Run) -> list[tuple[float, float]]:
+    """(weight_l1 growth, 1 − retention) at every checkpoint of ``run`` that has both."""
+    growth = weight_l1_growth(run)
+    ev = run.evals.dropna(subset=["retention"])
+    return [(float(growth[int(e)]), 1 - float(r)) for e, r in zip(ev["edit_index"], ev["retention"])
+            if int(e) in growth.index]
+
+
+def spearman_or_nan(pts: list[tuple[float, float]]) -> float:
+    """Spearman ρ of the points, NaN with fewer than 3 or when the second coordinate never changes."""
+    return spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
+
+
 def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
     """One row per finding: ``reproduced`` (True / False, or "cannot say" when the runs cannot decide) and the
     numbers."""
@@ -137,18 +150,10 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
                                  f"r-ROME: {len(dq)} disabling edits, flagged: "
                                  f"{', '.join(map(str, sorted(set(fq['edit_index'])))) or 'none'}; "
                                  f"denominator min {den_q.min():.3g} vs median {den_q.median():.3g}"})
-    pts = []
-    for name in ("rome", "r-rome", "memit"):
-        run = runs.get(name)
-        if run is None:
-            continue
-        growth = weight_l1_growth(run)
-        for _, ev in run.evals.dropna(subset=["retention"]).iterrows():
-            if int(ev["edit_index"]) in growth.index:
-                pts.append((growth[int(ev["edit_index"])], 1 - ev["retention"]))
+    pts = [p for name in ("rome", "r-rome", "memit") if name in runs for p in growth_vs_forgetting(runs[name])]
     if "d4s" in runs and "memit" in runs:
         g_d4s, g_memit = weight_l1_growth(runs["d4s"]).iloc[-1], weight_l1_growth(runs["memit"]).iloc[-1]
-        rho = spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
+        rho = spearman_or_nan(pts)
         if not np.isfinite(rho):
             rho_text = (f"retention never changes over the {len(pts)} checkpoints of ROME, r-ROME and MEMIT, so "
                         f"Spearman ρ(growth, 1 − retention) is undefined")

@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
 from .analysis import early_warning, forgetting_phases, warning_lead
 from .longstudy import run_timing
 from .store import Run, load_run
-from .study import CANNOT_SAY, weight_l1_growth
+from .study import CANNOT_SAY, growth_vs_forgetting, spearman_or_nan, weight_l1_growth
 
 
 def study_runs(out: str | os.PathLike) -> tuple[dict[str, Run], dict[str, Run]]:
@@ -98,16 +97,10 @@ def study_findings(seq: dict[str, Run], batch: dict[str, Run]) -> pd.DataFrame:
     rows.append({"finding": "(i) gradual forgetting turns catastrophic (onset edit per editor)",
                  "reproduced": any(p["catastrophic"] for p in onsets.values()) if onsets else CANNOT_SAY,
                  "evidence": told or "no sequential run yet"})
-    pts, per = [], {}
-    for n, run in seq.items():
-        growth = weight_l1_growth(run)
-        ev = run.evals.dropna(subset=["retention"])
-        xs = [(float(growth[int(e)]), 1 - float(r)) for e, r in zip(ev["edit_index"], ev["retention"])
-              if int(e) in growth.index]
-        pts += xs
-        if len(xs) >= 3 and np.ptp([x[1] for x in xs]) > 0:
-            per[n] = spearmanr(*zip(*xs)).statistic
-    rho = spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
+    per_run = {n: growth_vs_forgetting(run) for n, run in seq.items()}
+    per = {n: rho for n, xs in per_run.items() if np.isfinite(rho := spearman_or_nan(xs))}
+    pts = [p for xs in per_run.values() for p in xs]
+    rho = spearman_or_nan(pts)
     rows.append({"finding": "(ii) weight_l1 growth tracks forgetting (Spearman ρ of growth vs 1 − retention)",
                  "reproduced": bool(rho > 0.5) if np.isfinite(rho) else CANNOT_SAY,
                  "evidence": (f"ρ = {rho:.2f} over {len(pts)} checkpoints of all sequential runs; per editor: " +
