@@ -100,7 +100,8 @@ class LongStudy:
         self.status = status
         _write_status(self.out, status)
 
-    def _open(self, path: pathlib.Path, editor_name: str, n: int, batch_size: int, eval_every: int) -> EditSession:
+    def _open(self, path: pathlib.Path, editor_name: str, n: int, batch_size: int, eval_every: int,
+              retention_sample: int) -> EditSession:
         """A session on its own copy of the unedited model: resumed from ``path`` when a run is there."""
         model = copy.deepcopy(self.model)
         if (path / "config.json").exists():
@@ -114,7 +115,7 @@ class LongStudy:
         return EditSession(model, self.tok, editor, out=path, corpus=self.corpus, stats_tokens=self.stats_tokens,
                            cache=self.cache, seed=self.plan.seed, eval_every=eval_every, eval_texts=self.texts,
                            generation_prompts=self.prompts, templates=self.templates[key], progress=False,
-                           retention_sample=self.plan.retention_sample,
+                           retention_sample=retention_sample,
                            config={"data": self.status.get("data"), "n_edits": n, "mode": mode,
                                    "batch_size": batch_size, "study": str(self.out)})
 
@@ -127,7 +128,7 @@ class LongStudy:
         next, so a resumed study evens them out first."""
         plan, n = self.plan, self.plan.n_edits
         paths = {e: self.out / "seq" / e for e in plan.editors}
-        sessions = {e: self._open(paths[e], e, n, 1, plan.eval_every) for e in plan.editors}
+        sessions = {e: self._open(paths[e], e, n, 1, plan.eval_every, plan.retention_sample) for e in plan.editors}
         bar = progress_bar(total=n * len(sessions), desc="sequential study", unit="edit", disable=not self.progress)
         bar.update(sum(s.n_edits for s in sessions.values()))
         while any(s.n_edits < n for s in sessions.values()):
@@ -143,13 +144,16 @@ class LongStudy:
         return {e: load_run(p) for e, p in paths.items()}
 
     def batches(self) -> dict[str, Run]:
-        """The batch study: each editor at each batch size over the same first ``batch_edits`` records."""
+        """The batch study: each editor at each batch size over the same first ``batch_edits`` records.
+
+        Its checkpoints re-test every edit (no retention sample), so the end scores of all batch sizes cover
+        the same edits."""
         plan = self.plan
         n = min(plan.batch_edits, len(self.records))
         runs = {}
         for name, editor, b in plan.batch_runs():
             path = self.out / "batch" / name
-            s = self._open(path, editor, n, b, max(b, 16))
+            s = self._open(path, editor, n, b, max(b, 16), 0)
             s.env.target_cache = self.targets
             if s.n_edits < n:
                 s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress)

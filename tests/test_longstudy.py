@@ -34,6 +34,9 @@ def test_long_study_runs_every_editor_and_the_batch_study(tok, tmp_path):
     batch = result["batch"]
     assert list(batch) == ["memit-b1", "memit-b2", "memit-b4"]
     assert [int(r.edits["batch_index"].max()) + 1 for r in batch.values()] == [4, 2, 1]
+    for r in batch.values():  # every batch size's end score covers the same edits: no retention sample
+        assert r.config["retention_sample"] == 0
+        assert sorted(r.retention.loc[r.retention["checkpoint"] == 3, "edit_index"]) == [0, 1, 2, 3]
     status = json.loads((tmp_path / "study" / "study.json").read_text())
     assert set(status["runs"]) == {"seq/rome", "seq/memit", "seq/encore", "batch/memit-b1", "batch/memit-b2",
                                    "batch/memit-b4"}
