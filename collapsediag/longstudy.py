@@ -26,6 +26,7 @@ from .editors.context import generate_templates
 from .editors.target import TargetCache
 from .fluency import GENERATION_PROMPTS, heldout_texts
 from .progress import progress_bar
+from .resume import fork_run
 from .session import EditSession
 from .stats import StatsCache, TextCorpus
 from .store import Run, load_run
@@ -143,20 +144,33 @@ class LongStudy:
         bar.close()
         return {e: load_run(p) for e, p in paths.items()}
 
+    def _fork_sequential(self, path: pathlib.Path, editor: str, batch_size: int, n: int) -> None:
+        """Batch size 1 of an editor that also has a sequential run is that run's first ``n`` edits (the same
+        edits on the same records with the same settings): fork them instead of making them again."""
+        src = self.out / "seq" / editor
+        if batch_size != 1 or editor not in self.plan.editors or (path / "config.json").exists() \
+                or not (src / "config.json").exists() or len(load_run(src).edits) < n:
+            return
+        fork_run(src, path, n, {"n_edits": n, "mode": "sequential", "batch_size": 1, "retention_sample": 0},
+                 last_checkpoint=False)  # the end score re-tests every edit
+
     def batches(self) -> dict[str, Run]:
         """The batch study: each editor at each batch size over the same first ``batch_edits`` records.
 
         Its checkpoints re-test every edit (no retention sample), so the end scores of all batch sizes cover
-        the same edits."""
+        the same edits. Batch size 1 of an editor with a sequential run is forked from that run."""
         plan = self.plan
         n = min(plan.batch_edits, len(self.records))
         runs = {}
         for name, editor, b in plan.batch_runs():
             path = self.out / "batch" / name
+            self._fork_sequential(path, editor, b, n)
             s = self._open(path, editor, n, b, max(b, 16), 0)
             s.env.target_cache = self.targets
             if s.n_edits < n:
                 s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress)
+            if s.n_edits - 1 not in s.checkpoints:  # a fork, or a run cut before its end-of-run checkpoint
+                s.checkpoint()
             self._record(f"batch/{name}", path)
             runs[name] = load_run(path)
             del s

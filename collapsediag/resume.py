@@ -194,3 +194,43 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     if state.redo is not None:
         session.checkpoint()
     return session
+
+
+def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, config: dict[str, Any] | None = None,
+             last_checkpoint: bool = True) -> Run:
+    """A new run in ``dst`` holding the first ``n_edits`` edits of the run in ``src``: its rows, checkpoints,
+    factors and snapshots up to there, with its config updated by ``config`` (and ``forked_from``).
+    ``last_checkpoint=False`` leaves out a checkpoint made right after the last edit (to redo it otherwise).
+
+    The edits must end on a batch boundary. The fork is a run like any other: ``EditSession.resume`` goes on
+    from it, and a checkpoint after its last edit can be added (the long study scores MEMIT's batch size 1
+    on the sequential run's first edits this way instead of making them again).
+    """
+    import shutil
+
+    from .store import RunWriter
+
+    run = load_run(src)
+    edits = run.edits[run.edits["edit_index"] < n_edits]
+    if len(edits) != n_edits:
+        raise CollapseDiagError(f"{src} holds {len(run.edits)} edits, fewer than the {n_edits} to fork")
+    batches = sorted(set(edits["batch_index"].fillna(edits["edit_index"]).astype(int)))
+    later = run.edits[run.edits["edit_index"] >= n_edits]
+    if len(later) and set(later["batch_index"].fillna(later["edit_index"]).astype(int)) & set(batches):
+        raise CollapseDiagError(f"{src}: edit {n_edits - 1} is inside a batch; fork at a batch's end")
+    writer = RunWriter.create(dst, {**run.config, **(config or {}), "forked_from": str(src)})
+    end = n_edits if last_checkpoint else n_edits - 1
+    for table, df in (("edits", edits), ("layers", run.layers[run.layers["edit_index"] < n_edits]),
+                      ("evals", run.evals[run.evals["edit_index"] < end]),
+                      ("retention", run.retention[run.retention["checkpoint"] < end])):
+        writer.rewrite(table, df.reset_index(drop=True))
+    for b in batches:
+        for name in (f"batch_{b:06d}.npz", f"edit_{b:06d}.npz"):
+            if (run.path / "factors" / name).exists():
+                shutil.copy2(run.path / "factors" / name, writer.path / "factors" / name)
+    for index in run.snapshots():
+        if index < n_edits:
+            (writer.path / "snapshots").mkdir(exist_ok=True)
+            name = f"edit_{index:06d}.npz"
+            shutil.copy2(run.path / "snapshots" / name, writer.path / "snapshots" / name)
+    return load_run(dst)

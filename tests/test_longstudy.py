@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+
 from collapsediag.longstudy import LongStudyPlan, run_long_study
 from collapsediag.stats import StatsCache, TextCorpus
 from tests.conftest import corpus_texts, make_model
@@ -34,6 +36,10 @@ def test_long_study_runs_every_editor_and_the_batch_study(tok, tmp_path):
     batch = result["batch"]
     assert list(batch) == ["memit-b1", "memit-b2", "memit-b4"]
     assert [int(r.edits["batch_index"].max()) + 1 for r in batch.values()] == [4, 2, 1]
+    # batch size 1 of MEMIT is the sequential MEMIT run's edits, forked, with a full end-of-run checkpoint
+    assert batch["memit-b1"].config["forked_from"].endswith("seq/memit")
+    for table in ("edits", "layers"):
+        pd.testing.assert_frame_equal(getattr(batch["memit-b1"], table), getattr(result["seq"]["memit"], table))
     for r in batch.values():  # every batch size's end score covers the same edits: no retention sample
         assert r.config["retention_sample"] == 0
         assert sorted(r.retention.loc[r.retention["checkpoint"] == 3, "edit_index"]) == [0, 1, 2, 3]

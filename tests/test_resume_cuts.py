@@ -97,3 +97,26 @@ def test_checkpoint_written_twice_is_redone_once(full, tok):
         with open(cut / f"{table}.jsonl", "a") as f:
             f.writelines(line for line in lines if json.loads(line)[key] == 3)
     _resume_equals_uninterrupted(full, tok, cut)
+
+
+def test_fork_then_resume_equals_uninterrupted(full, tok):
+    """A fork of the first 2 edits holds the full run's rows up to there; resumed, it ends as the full run."""
+    from collapsediag.resume import fork_run
+
+    fork = fork_run(full / "full", full / "fork", 2, {"note": "first two"})
+    assert fork.config["forked_from"] == str(full / "full") and fork.config["note"] == "first two"
+    assert fork.edits["edit_index"].tolist() == [0, 1] and fork.evals["edit_index"].tolist() == [-1, 1]
+    assert sorted(set(fork.retention["checkpoint"])) == [1] and sorted(set(fork.layers["edit_index"])) == [0, 1]
+    assert [fork.has_factors(b) for b in range(3)] == [True, True, False]
+    _resume_equals_uninterrupted(full, tok, full / "fork")
+    without = fork_run(full / "full", full / "fork-last", 4, last_checkpoint=False)
+    assert without.evals["edit_index"].tolist() == [-1, 1] and set(without.retention["checkpoint"]) == {1}
+
+
+def test_fork_refuses_more_edits_than_the_run_holds(full):
+    from collapsediag.errors import CollapseDiagError
+    from collapsediag.resume import fork_run
+
+    with pytest.raises(CollapseDiagError, match="fewer than the 9"):
+        fork_run(full / "full", full / "fork9", 9)
+    assert not (full / "fork9").exists()
