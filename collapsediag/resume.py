@@ -139,6 +139,9 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
 
     run = load_run(path)
     cfg = run.config
+    if cfg.get("mode") == "alone":
+        raise CollapseDiagError(f"{path}: its edits were each made alone on the unedited model; there is no "
+                                "edited model to go on from (run edit_each_alone again for more records)")
     if model_fingerprint(model) != cfg["model_fingerprint"]:
         raise CollapseDiagError("resume needs the run's unedited base model (fingerprint differs)")
     editor = get_editor(cfg["editor"], cfg["hparams"])
