@@ -102,6 +102,9 @@ def explain(run: Run, perplexity_ratio: float | None = None, most: int = 5) -> l
         return []
     lines = []
     dis = disabling_edits(run, perplexity_ratio or COLLAPSE_RATIO)
+    miss = edits_not_taken(run)
+    missed = dict(zip(miss["edit_index"], miss.itertuples()))
+    miss = miss[~miss["edit_index"].isin(dis["edit_index"])]  # a disabling edit is told once, as disabling
     for r in dis.head(most).itertuples():
         which = (f"edit {r.edit_index}" if r.first_edit == r.edit_index else
                  f"edit {r.edit_index} (the largest update of edits {r.first_edit}-{r.edit_index}, one checkpoint)")
@@ -110,8 +113,9 @@ def explain(run: Run, perplexity_ratio: float | None = None, most: int = 5) -> l
         lines.append(f"{name}: {which} ({r.case_id}, subject {r.subject!r}) disabled the model: held-out "
                      f"perplexity {r.perplexity_before:.2f} -> {r.perplexity_after:.2f} (x{r.perplexity_ratio:.1f}; "
                      f"x{r.perplexity_vs_unedited:.1f} the unedited model's). Flagged by: {r.signals}. "
-                     f"Why: {_geometry_text(r)}{size}.")
-    miss = edits_not_taken(run)
+                     f"Why: {_geometry_text(r)}{size}." + (
+                         f" It did not take on the bare prompt either (p_new {float(m.p_new_after):.3g} < p_true "
+                         f"{float(m.p_true_after):.3g})." if (m := missed.get(r.edit_index)) is not None else ""))
     for r in miss.head(most).itertuples():
         ratio = _k_u_u(r) / float(r.denominator_consistent) if r.denominator_consistent else np.nan
         why = _geometry_text(r)

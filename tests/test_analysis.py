@@ -113,10 +113,10 @@ def test_confirmation_applies_one_edit_alone(tiny, env_for, tmp_path):
         confirm_disabling_edits(load_run(tmp_path / "run"), [0], model, tok, corpus_texts(2))
 
 
-def rome_like_run(path, planted=None, n=30, checkpoints=True, seed=1):
+def rome_like_run(path, planted=None, n=30, checkpoints=True, seed=1, missed=(4,)):
     """A sequential ROME-like run: one layer with k_uᵀu, k̄ᵀu and update_ratio per edit; edit ``planted`` (if any)
     has a tiny k_uᵀu and an update several times the matrix's norm, and perplexity ×6 right after it; the edits
-    after it go on as usual."""
+    after it go on as usual. The edits in ``missed`` did not take on the bare prompt."""
     rng = np.random.default_rng(seed)
     w = RunWriter.create(path, {"editor": "rome", "arch": {}, "initial_weights": {}})
     edits, layers, evals = [], [], []
@@ -126,8 +126,8 @@ def rome_like_run(path, planted=None, n=30, checkpoints=True, seed=1):
     for i in range(n):
         bad = i == planted
         edits.append({"edit_index": i, "batch_index": i, "batch_size": 1, "case_id": f"c{i}", "status": "ok",
-                      "efficacy": i != 4, "subject": f"s{i}", "subject_first_token": bad,
-                      "p_new_after": 0.1 if i == 4 else 0.6, "p_true_after": 0.3 if i == 4 else 0.1})
+                      "efficacy": i not in missed, "subject": f"s{i}", "subject_first_token": bad,
+                      "p_new_after": 0.1 if i in missed else 0.6, "p_true_after": 0.3 if i in missed else 0.1})
         k_bar_u = float(rng.normal(3.0, 0.3))
         k_u_u = 0.01 if bad else k_bar_u * float(rng.uniform(0.6, 1.1))
         layers.append({"edit_index": i, "batch_index": i, "layer": 5, "denominator": k_u_u,
@@ -179,3 +179,7 @@ def test_edits_not_taken_and_the_report_explain_them(tmp_path):
     assert any("edit 4 (c4) did not take on the bare prompt" in x for x in lines)
     text = format_report([run])
     assert "Disabling edits and edits that did not take" in text and "edit 11 (c11" in text
+    # a disabling edit that did not take either is told once, as disabling
+    both = explain(rome_like_run(tmp_path / "both", planted=11, missed=(4, 11)))
+    assert sum("(c11" in x for x in both) == 1
+    assert any("edit 11 (c11" in x and "disabled the model" in x and "did not take" in x for x in both)
