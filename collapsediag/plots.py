@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -224,6 +224,37 @@ def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str 
     ax.set_title("Norm growth of the edited matrices")
     _legend_outside(ax)
     return ax
+
+
+def plot_norm_comparison(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
+    """Two panels, one line per run, for comparing editors whose growth is small: the growth of ‖W‖₁ (mean over
+    the edited layers, % of the unedited value) and of σ₁(W) (largest over the edited layers, % of σ₁(W₀))."""
+    runs = _runs(runs)
+    axes, own = _panels(ax, 2, 2, sharex=True, panel=(3.0, 2.2))
+    rows = []
+    for run, label in zip(runs, _labels(runs)):
+        ly = run.layers.dropna(subset=["edit_index", "weight_l1"]).copy()
+        init = {int(k): v.get("weight_l1") for k, v in run.config.get("initial_weights", {}).items()}
+        ly["l1"] = ly["weight_l1"] / ly["layer"].astype(int).map(init)
+        s1 = ly["weight_sigma1_ratio"] if "weight_sigma1_ratio" in ly else np.nan
+        per = ly.assign(s1=s1).groupby("edit_index").agg(l1=("l1", "mean"), s1=("s1", "max"))
+        rows.append(pd.DataFrame({"edits applied": per.index.to_numpy(int) + 1, "run": label,
+                                  "l1": 100 * (per["l1"].to_numpy(float) - 1),
+                                  "s1": 100 * (per["s1"].to_numpy(float) - 1)}))
+    d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", "l1", "s1"])
+    order = [lab for lab in _labels(runs) if lab in set(d["run"])]
+    for i, (a, col, ylabel) in enumerate(zip(axes, ("l1", "s1"), ("‖W‖₁ growth, % (mean of layers)",
+                                                                   "σ₁(W) growth, % (largest layer)"))):
+        sel = d.dropna(subset=[col])
+        if len(sel):
+            sns.lineplot(sel, x="edits applied", y=col, hue="run", hue_order=order, palette=_palette(runs),
+                         estimator=None, errorbar=None, sort=True, ax=a, legend=i == 1)
+        a.axhline(0, color="0.6", lw=0.8, gid="reference")
+        a.set_ylabel(ylabel)
+        _edit_axis(a)
+    _legend_outside(axes[1])
+    _panel_title(axes, own, "Norm growth of the edited matrices, side by side")
+    return axes
 
 
 FORGETTING = {"retention": "retention", "efficacy": "efficacy", "paraphrase_score": "paraphrase score",
@@ -689,13 +720,20 @@ def write_figures(runs: list[Run], out: str | os.PathLike, scan: pd.DataFrame | 
                                                         disabling=disabling)
     if scan is not None:
         figures["risk_scan"] = lambda: plot_risk_scan(scan, confirmed)
+    return [path for name, draw in figures.items() for path in write_figure(draw, out / name)]
+
+
+def write_figure(draw: Callable[[], Axes | Sequence[Axes]], stem: str | os.PathLike) -> list[pathlib.Path]:
+    """Draw one figure (``draw()`` returns its axes) in the paper style and save it as ``stem``.png and .pdf,
+    without timestamps (the same data give the same files); returns the files written."""
+    stem = pathlib.Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     with paper_style():
-        for name, draw in figures.items():
-            fig = _figure_of(draw())
-            for ext in ("png", "pdf"):
-                path = out / f"{name}.{ext}"
-                fig.savefig(path, metadata=FIXED_METADATA[ext])
-                written.append(path)
-            plt.close(fig)
+        fig = _figure_of(draw())
+        for ext in ("png", "pdf"):
+            path = stem.with_name(f"{stem.name}.{ext}")
+            fig.savefig(path, metadata=FIXED_METADATA[ext])
+            written.append(path)
+        plt.close(fig)
     return written

@@ -19,6 +19,9 @@ from .longstudy import run_timing
 from .store import Run, load_run
 from .study import CANNOT_SAY, growth_vs_forgetting, spearman_or_nan, weight_l1_growth
 
+# editors on MEMIT's update (and its norm-bounded variants): drawn side by side, apart from ROME's far larger growth
+NORM_BOUNDED_FAMILY = ("memit", "d4s", "alphaedit", "encore")
+
 
 def study_runs(out: str | os.PathLike) -> tuple[dict[str, Run], dict[str, Run]]:
     """The study's sequential runs by editor and batch runs by name (those with at least one edit)."""
@@ -145,7 +148,7 @@ def study_report(out: str | os.PathLike) -> dict[str, pd.DataFrame]:
 def write_study_report(out: str | os.PathLike, figures: str | os.PathLike | None = None) -> str:
     """Write ``findings.md`` (the three tables, markdown) into ``out`` and the figures of the sequential runs
     (and of each batch-study editor) under ``figures`` (default ``out/figures``); returns the markdown."""
-    from .plots import write_figures
+    from .plots import plot_norm_comparison, write_figure, write_figures
     from .report import markdown_table
 
     out = pathlib.Path(out)
@@ -158,6 +161,9 @@ def write_study_report(out: str | os.PathLike, figures: str | os.PathLike | None
     fig_dir = pathlib.Path(figures) if figures else out / "figures"
     if seq:
         write_figures(list(seq.values()), fig_dir / "seq")
+        family = [r for n, r in seq.items() if n in NORM_BOUNDED_FAMILY]
+        if len(family) > 1:  # their growth is too small to read beside ROME's
+            write_figure(lambda: plot_norm_comparison(family), fig_dir / "seq" / "norm_growth_memit_family")
     for editor in sorted({r.config.get("editor") for r in batch.values()}):
         write_figures([r for r in batch.values() if r.config.get("editor") == editor], fig_dir / f"batch-{editor}")
     return text

@@ -76,7 +76,7 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
                     "(iii) bigger batches lower MEMIT"):
         assert finding in text
     assert "batch 1:" in text and "batch 4:" in text and "edits_per_hour" in text
-    for name in ("spectral", "warnings", "norm_growth", "forgetting"):
+    for name in ("spectral", "warnings", "norm_growth", "forgetting", "norm_growth_memit_family"):
         assert (tmp_path / "f" / "seq" / f"{name}.png").exists(), name
     assert (tmp_path / "f" / "batch-memit" / "batch_neighborhood.png").exists()
 

@@ -56,8 +56,8 @@ RECORDS = [dict(r, paraphrase_prompts=["Because you said so. " + r["prompt"]],
                 neighborhood_prompts=["Madrid is a citizen of", "The mother tongue of Lyon is"]) for r in FOUR]
 
 PLOTS = [plots.plot_norm_growth, plots.plot_forgetting, plots.plot_denominator_vs_norm, plots.plot_key_stats,
-         plots.plot_batch_neighborhood, plots.plot_perplexity]
-MULTI_PANEL = {plots.plot_forgetting, plots.plot_denominator_vs_norm, plots.plot_perplexity}
+         plots.plot_batch_neighborhood, plots.plot_perplexity, plots.plot_norm_comparison]
+MULTI_PANEL = {plots.plot_forgetting, plots.plot_denominator_vs_norm, plots.plot_perplexity, plots.plot_norm_comparison}
 
 
 @pytest.fixture(autouse=True)
@@ -71,8 +71,9 @@ def _panels(drawn) -> list:
 
 
 def _data_lines(ax) -> list:
-    """Lines that hold data (seaborn also parks its empty legend proxies in ``ax.lines``)."""
-    return [line for line in ax.lines if len(line.get_xdata())]
+    """Lines that hold data (seaborn also parks its empty legend proxies in ``ax.lines``; reference lines
+    such as y = 0 carry the gid "reference")."""
+    return [line for line in ax.lines if len(line.get_xdata()) and line.get_gid() != "reference"]
 
 
 def _offsets(ax, gid: str) -> np.ndarray:
@@ -138,6 +139,17 @@ def test_norm_growth_overlays_every_layer_of_every_run(two_runs):
     assert list(lines[0].get_xdata()) == [1, 2, 3, 4]
     assert lines[0].get_ydata()[0] == pytest.approx(
         two_runs[0].layers["weight_l1"].iloc[0] / two_runs[0].config["initial_weights"]["1"]["weight_l1"])
+
+
+def test_norm_comparison_draws_one_line_per_run_in_percent(two_runs):
+    l1, s1 = plots.plot_norm_comparison(two_runs)
+    assert len(_data_lines(l1)) == len(_data_lines(s1)) == 2  # layers folded: one line per run
+    memit = two_runs[1]
+    init = {int(k): v["weight_l1"] for k, v in memit.config["initial_weights"].items()}
+    first = memit.layers[memit.layers["edit_index"] == memit.layers["edit_index"].min()]
+    want = 100 * (np.mean([r.weight_l1 / init[int(r.layer)] for r in first.itertuples()]) - 1)
+    assert _data_lines(l1)[1].get_ydata()[0] == pytest.approx(want)
+    assert _data_lines(s1)[1].get_ydata()[0] == pytest.approx(100 * (first["weight_sigma1_ratio"].max() - 1))
 
 
 def test_run_colours_agree_across_figures(two_runs):
