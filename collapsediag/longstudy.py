@@ -165,7 +165,7 @@ class LongStudy:
         for name, editor, b in plan.batch_runs():
             path = self.out / "batch" / name
             self._fork_sequential(path, editor, b, n)
-            s = self._open(path, editor, n, b, max(b, 16), 0)
+            s = self._open(path, editor, n, b, b if b > 1 else plan.eval_every, 0)  # scored after each batch
             s.env.target_cache = self.targets
             if s.n_edits < n:
                 s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress)

@@ -243,16 +243,19 @@ def plot_norm_comparison(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None
                                   "s1": 100 * (per["s1"].to_numpy(float) - 1)}))
     d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", "l1", "s1"])
     order = [lab for lab in _labels(runs) if lab in set(d["run"])]
-    for i, (a, col, ylabel) in enumerate(zip(axes, ("l1", "s1"), ("‖W‖₁ growth, % (mean of layers)",
-                                                                   "σ₁(W) growth, % (largest layer)"))):
+    drawn = []
+    for a, col, ylabel in zip(axes, ("l1", "s1"), ("‖W‖₁ growth, % (mean of layers)", "σ₁(W) growth, % (largest layer)")):
         sel = d.dropna(subset=[col])
         if len(sel):
             sns.lineplot(sel, x="edits applied", y=col, hue="run", hue_order=order, palette=_palette(runs),
-                         estimator=None, errorbar=None, sort=True, ax=a, legend=i == 1)
+                         estimator=None, errorbar=None, sort=True, ax=a)
+            drawn.append(a)
         a.axhline(0, color="0.6", lw=0.8, gid="reference")
         a.set_ylabel(ylabel)
         _edit_axis(a)
-    _legend_outside(axes[1])
+    for a in drawn[:-1]:
+        a.get_legend().remove()
+    _legend_outside(drawn[-1] if drawn else axes[1])
     _panel_title(axes, own, "Norm growth of the edited matrices, side by side")
     return axes
 

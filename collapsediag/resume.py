@@ -9,6 +9,7 @@ again), so no (checkpoint, edit_index) row is ever written twice.
 from __future__ import annotations
 
 import os
+import pathlib
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -202,7 +203,8 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
 def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, config: dict[str, Any] | None = None,
              last_checkpoint: bool = True) -> Run:
     """A new run in ``dst`` holding the first ``n_edits`` edits of the run in ``src``: its rows, checkpoints,
-    factors and snapshots up to there, with its config updated by ``config`` (and ``forked_from``).
+    factors and snapshots up to there, with its config updated by ``config`` (``before_fork`` keeps the values
+    it replaced, which the copied rows were made with, and ``forked_from`` the source).
     ``last_checkpoint=False`` leaves out a checkpoint made right after the last edit (to redo it otherwise).
 
     The edits must end on a batch boundary. The fork is a run like any other: ``EditSession.resume`` goes on
@@ -221,7 +223,14 @@ def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, confi
     later = run.edits[run.edits["edit_index"] >= n_edits]
     if len(later) and set(later["batch_index"].fillna(later["edit_index"]).astype(int)) & set(batches):
         raise CollapseDiagError(f"{src}: edit {n_edits - 1} is inside a batch; fork at a batch's end")
-    writer = RunWriter.create(dst, {**run.config, **(config or {}), "forked_from": str(src)})
+    dst = pathlib.Path(dst)
+    if (dst / "config.json").exists():
+        raise CollapseDiagError(f"{dst} already holds a run")
+    tmp = dst.with_name(dst.name + ".fork-tmp")  # built aside and moved in whole: a cut fork leaves no run
+    shutil.rmtree(tmp, ignore_errors=True)
+    changed = {k: run.config.get(k) for k in (config or {}) if run.config.get(k) != config[k]}
+    writer = RunWriter.create(tmp, {**run.config, **(config or {}), "forked_from": str(src),
+                                    "before_fork": changed})
     end = n_edits if last_checkpoint else n_edits - 1
     for table, df in (("edits", edits), ("layers", run.layers[run.layers["edit_index"] < n_edits]),
                       ("evals", run.evals[run.evals["edit_index"] < end]),
@@ -236,4 +245,7 @@ def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, confi
             (writer.path / "snapshots").mkdir(exist_ok=True)
             name = f"edit_{index:06d}.npz"
             shutil.copy2(run.path / "snapshots" / name, writer.path / "snapshots" / name)
+    if dst.exists():
+        dst.rmdir()  # an empty folder only: anything else is refused
+    os.replace(tmp, dst)
     return load_run(dst)

@@ -38,6 +38,8 @@ def test_long_study_runs_every_editor_and_the_batch_study(tok, tmp_path):
     assert [int(r.edits["batch_index"].max()) + 1 for r in batch.values()] == [4, 2, 1]
     # batch size 1 of MEMIT is the sequential MEMIT run's edits, forked, with a full end-of-run checkpoint
     assert batch["memit-b1"].config["forked_from"].endswith("seq/memit")
+    assert batch["memit-b1"].config["before_fork"]["retention_sample"] == 1
+    assert [r.config["eval_every"] for r in batch.values()] == [2, 2, 4]  # after each batch; size 1 as the study
     for table in ("edits", "layers"):
         pd.testing.assert_frame_equal(getattr(batch["memit-b1"], table), getattr(result["seq"]["memit"], table))
     for r in batch.values():  # every batch size's end score covers the same edits: no retention sample

@@ -105,6 +105,7 @@ def test_fork_then_resume_equals_uninterrupted(full, tok):
 
     fork = fork_run(full / "full", full / "fork", 2, {"note": "first two"})
     assert fork.config["forked_from"] == str(full / "full") and fork.config["note"] == "first two"
+    assert fork.config["before_fork"] == {"note": None} and not (full / "fork.fork-tmp").exists()
     assert fork.edits["edit_index"].tolist() == [0, 1] and fork.evals["edit_index"].tolist() == [-1, 1]
     assert sorted(set(fork.retention["checkpoint"])) == [1] and sorted(set(fork.layers["edit_index"])) == [0, 1]
     assert [fork.has_factors(b) for b in range(3)] == [True, True, False]
@@ -120,3 +121,7 @@ def test_fork_refuses_more_edits_than_the_run_holds(full):
     with pytest.raises(CollapseDiagError, match="fewer than the 9"):
         fork_run(full / "full", full / "fork9", 9)
     assert not (full / "fork9").exists()
+    fork_run(full / "full", full / "again", 1)
+    with pytest.raises(CollapseDiagError, match="already holds a run"):
+        fork_run(full / "full", full / "again", 2)
+    assert load_run(full / "again").edits["edit_index"].tolist() == [0]
