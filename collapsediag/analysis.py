@@ -278,6 +278,14 @@ def edits_not_taken(run: Run) -> pd.DataFrame:
     return out[cols].reset_index(drop=True)
 
 
+def relative_growth(run: Run, metric: str = "weight_l1") -> pd.DataFrame:
+    """The ``layers`` rows that have ``metric``, with ``growth``: the metric over its unedited value (from the
+    run's config) minus 1."""
+    init = {int(k): v[metric] for k, v in run.config["initial_weights"].items()}
+    ly = run.layers.dropna(subset=["edit_index", metric])
+    return ly.assign(growth=ly[metric] / ly["layer"].astype(int).map(init) - 1)
+
+
 # Early warning (ALGORITHMS.md §15): thresholds on signals that exist when the edit is made, never on held-out
 # perplexity or retention (the ground truth they must anticipate).
 WARNING_THRESHOLDS = {

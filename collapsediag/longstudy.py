@@ -167,10 +167,8 @@ class LongStudy:
             self._fork_sequential(path, editor, b, n)
             s = self._open(path, editor, n, b, b if b > 1 else plan.eval_every, 0)  # scored after each batch
             s.env.target_cache = self.targets
-            if s.n_edits < n:
-                s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress)
-            if s.n_edits - 1 not in s.checkpoints:  # a fork, or a run cut before its end-of-run checkpoint
-                s.checkpoint()
+            # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
+            s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress and s.n_edits < n)
             self._record(f"batch/{name}", path)
             runs[name] = load_run(path)
             del s

@@ -229,17 +229,17 @@ def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str 
 def plot_norm_comparison(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
     """Two panels, one line per run, for comparing editors whose growth is small: the growth of ‖W‖₁ (mean over
     the edited layers, % of the unedited value) and of σ₁(W) (largest over the edited layers, % of σ₁(W₀))."""
+    from .analysis import relative_growth
+
     runs = _runs(runs)
     axes, own = _panels(ax, 2, 2, sharex=True, panel=(3.0, 2.2))
     rows = []
     for run, label in zip(runs, _labels(runs)):
-        ly = run.layers.dropna(subset=["edit_index", "weight_l1"]).copy()
-        init = {int(k): v.get("weight_l1") for k, v in run.config.get("initial_weights", {}).items()}
-        ly["l1"] = ly["weight_l1"] / ly["layer"].astype(int).map(init)
+        ly = relative_growth(run)
         s1 = ly["weight_sigma1_ratio"] if "weight_sigma1_ratio" in ly else np.nan
-        per = ly.assign(s1=s1).groupby("edit_index").agg(l1=("l1", "mean"), s1=("s1", "max"))
+        per = ly.assign(s1=s1).groupby("edit_index").agg(l1=("growth", "mean"), s1=("s1", "max"))
         rows.append(pd.DataFrame({"edits applied": per.index.to_numpy(int) + 1, "run": label,
-                                  "l1": 100 * (per["l1"].to_numpy(float) - 1),
+                                  "l1": 100 * per["l1"].to_numpy(float),
                                   "s1": 100 * (per["s1"].to_numpy(float) - 1)}))
     d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", "l1", "s1"])
     order = [lab for lab in _labels(runs) if lab in set(d["run"])]

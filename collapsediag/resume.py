@@ -184,7 +184,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     _drop_factors(run, state.n_batches)
     for index in run.snapshots():  # weights after edits that are dropped (redone later)
         if index >= n:
-            (run.path / "snapshots" / f"edit_{index:06d}.npz").unlink()
+            run.snapshot_file(index).unlink()
 
     session.edits = [_plain(r) for r in state.edits.to_dict("records")]
     session.layer_rows = [_plain(r) for r in state.layers.to_dict("records")]
@@ -237,14 +237,12 @@ def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, confi
                       ("retention", run.retention[run.retention["checkpoint"] < end])):
         writer.rewrite(table, df.reset_index(drop=True))
     for b in batches:
-        for name in (f"batch_{b:06d}.npz", f"edit_{b:06d}.npz"):
-            if (run.path / "factors" / name).exists():
-                shutil.copy2(run.path / "factors" / name, writer.path / "factors" / name)
+        if (f := run.factors_file(b)) is not None:
+            shutil.copy2(f, writer.path / "factors" / f.name)
     for index in run.snapshots():
         if index < n_edits:
             (writer.path / "snapshots").mkdir(exist_ok=True)
-            name = f"edit_{index:06d}.npz"
-            shutil.copy2(run.path / "snapshots" / name, writer.path / "snapshots" / name)
+            shutil.copy2(run.snapshot_file(index), writer.path / "snapshots" / run.snapshot_file(index).name)
     if dst.exists():
         dst.rmdir()  # an empty folder only: anything else is refused
     os.replace(tmp, dst)

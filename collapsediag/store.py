@@ -274,17 +274,21 @@ class Run:
         rows = self.layers[self.layers["layer"] == layer]
         return rows.set_index("edit_index")[metric]
 
+    def factors_file(self, batch_index: int) -> pathlib.Path | None:
+        """The factors file of one batch on disk (``edit_*`` in runs written before batches existed), or None."""
+        for name in (f"batch_{batch_index:06d}.npz", f"edit_{batch_index:06d}.npz"):
+            if (self.path / "factors" / name).exists():
+                return self.path / "factors" / name
+        return None
+
     def has_factors(self, batch_index: int) -> bool:
         """Whether the factors file of one batch is on disk."""
-        f = self.path / "factors"
-        return (f / f"batch_{batch_index:06d}.npz").exists() or (f / f"edit_{batch_index:06d}.npz").exists()
+        return self.factors_file(batch_index) is not None
 
     def factors(self, batch_index: int) -> dict[str, np.ndarray]:
         """The stored arrays of one batch (of one edit in a sequential run): ``left_<layer>``,
         ``right_<layer>`` and, for stateful editors, ``state_*``."""
-        p = self.path / "factors" / f"batch_{batch_index:06d}.npz"
-        if not p.exists():
-            p = self.path / "factors" / f"edit_{batch_index:06d}.npz"  # runs written before batches existed
+        p = self.factors_file(batch_index) or self.path / "factors" / f"batch_{batch_index:06d}.npz"
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
 
@@ -294,9 +298,13 @@ class Run:
         stems = [p.name[len("edit_"):-len(".npz")] for p in d.glob("edit_*.npz")] if d.exists() else []
         return sorted(int(s) for s in stems if s.isdigit())
 
+    def snapshot_file(self, edit_index: int) -> pathlib.Path:
+        """Where the snapshot after ``edit_index`` is (or would be) stored."""
+        return self.path / "snapshots" / f"edit_{edit_index:06d}.npz"
+
     def snapshot(self, edit_index: int) -> dict[int, np.ndarray]:
         """The edited matrices stored after ``edit_index``, by layer."""
-        with np.load(self.path / "snapshots" / f"edit_{edit_index:06d}.npz") as z:
+        with np.load(self.snapshot_file(edit_index)) as z:
             return {int(k[2:]): z[k] for k in z.files if k.startswith("w_")}
 
     def model_at(self, edit_index: int, model: Any = None) -> Any:

@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 from torch import nn
 
-from .analysis import COLLAPSE_RATIO, disabling_edits, flag_disabling_edits
+from .analysis import COLLAPSE_RATIO, disabling_edits, flag_disabling_edits, relative_growth
 from .editors import get_editor
 from .editors.target import TargetCache
 from .fluency import GENERATION_PROMPTS, heldout_texts
@@ -114,10 +114,7 @@ def disabling_by_run(runs: dict[str, Run], perplexity_ratio: float = COLLAPSE_RA
 
 def weight_l1_growth(run: Run) -> pd.Series:
     """Largest relative weight_l1 growth over the edited layers, per edit index."""
-    init = {int(k): v["weight_l1"] for k, v in run.config["initial_weights"].items()}
-    ly = run.layers.dropna(subset=["weight_l1"])
-    g = ly["weight_l1"] / ly["layer"].astype(int).map(init) - 1
-    return g.groupby(ly["edit_index"]).max()
+    return relative_growth(run).groupby("edit_index")["growth"].max()
 
 
 def growth_vs_forgetting(run: Run) -> list[tuple[float, float]]:

@@ -48,6 +48,8 @@ def test_model_at_starts_from_the_nearest_snapshot(tok, env_for, tmp_path):
         live.append({k: v.clone() for k, v in s.model.state_dict().items()})
     run = load_run(tmp_path / "run")
     assert run.snapshots() == [1, 3]
+    assert run.snapshot_file(3).exists() and not run.snapshot_file(2).exists()
+    assert run.factors_file(4).name == "batch_000004.npz" and run.factors_file(5) is None
     plain = tmp_path / "plain"
     shutil.copytree(tmp_path / "run", plain)
     shutil.rmtree(plain / "snapshots")

@@ -152,6 +152,18 @@ def test_norm_comparison_draws_one_line_per_run_in_percent(two_runs):
     assert _data_lines(s1)[1].get_ydata()[0] == pytest.approx(100 * (first["weight_sigma1_ratio"].max() - 1))
 
 
+def test_relative_growth_is_each_layer_over_its_unedited_value(two_runs):
+    from collapsediag.analysis import relative_growth
+    from collapsediag.study import weight_l1_growth
+
+    memit = two_runs[1]
+    g = relative_growth(memit)
+    assert len(g) == len(memit.layers.dropna(subset=["weight_l1"])) and set(g["layer"]) == {1, 2}
+    row = g.iloc[-1]
+    assert row["growth"] == pytest.approx(row["weight_l1"] / memit.config["initial_weights"][str(int(row["layer"]))]["weight_l1"] - 1)
+    assert weight_l1_growth(memit).tolist() == g.groupby("edit_index")["growth"].max().tolist()
+
+
 def test_run_colours_agree_across_figures(two_runs):
     ng = _data_lines(plots.plot_norm_growth(two_runs))
     ppl = _data_lines(plots.plot_perplexity(two_runs)[0])
