@@ -396,7 +396,9 @@ def study_command(args: argparse.Namespace) -> int:
     need = max(plan.n_edits, plan.batch_edits if args.batch_editors else 0)
     records = check_records(load_data(args.data, need), args.data)
     model, tok = _load(args)
-    result = run_long_study(model, tok, records, args.out, plan, batches=bool(args.batch_editors), data=args.data,
+    parts = ("seq", "batch") if args.part == "all" else (args.part,)
+    result = run_long_study(model, tok, records, args.out, plan, batches=bool(args.batch_editors), parts=parts,
+                            data=args.data,
                             corpus=_corpus(args), cache=StatsCache(args.cache_dir), stats_tokens=args.stats_tokens,
                             progress=not args.quiet)
     from .studyreport import write_study_report
@@ -552,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16, 64, 256],
                     help="batch sizes of the batch study")
     st.add_argument("--batch-edits", type=positive_int, default=256, help="edits of each batch-study run")
+    st.add_argument("--part", choices=["all", "seq", "batch"], default="all",
+                    help="run only the sequential runs or only the batch study; two processes may run one part "
+                         "each at once (give each OMP_NUM_THREADS=1 on a small machine); the batch part alone "
+                         "leaves the runs it forks from a sequential run for a later call")
     st.add_argument("--seed", type=int, default=0, help="seed of the context templates, v* and generations")
     _stats_options(st)
     st.set_defaults(func=study_command)

@@ -5,6 +5,9 @@ Layout under ``out``:
   batch/<editor>-b<B>/     MEMIT and EMMET over the same first ``batch_edits`` records at batch size B
   study.json               the plan, the records' source and, per run, its wall time and edits per hour
 
+The two parts (sequential runs, batch study) may run in two processes at once (``parts``): each part holds a lock
+of its own (``study.<part>.lock``) and study.json is updated under a shared one.
+
 Every run edits the same records in the same order. The sequential runs advance together, one checkpoint
 interval at a time (round-robin), so whenever the study stops every editor has reached about the same edit;
 each run is resumed on its own (``EditSession.resume``) the next time the study starts.
@@ -16,12 +19,15 @@ import json
 import os
 import pathlib
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from filelock import FileLock, Timeout
 from torch import nn
 
 from .editors import get_editor
+from .errors import CollapseDiagError
 from .editors.context import generate_templates
 from .editors.target import TargetCache
 from .fluency import GENERATION_PROMPTS, heldout_texts
@@ -53,15 +59,25 @@ class LongStudyPlan:
         return [(f"{e}-b{b}", e, b) for e in self.batch_editors for b in self.batch_sizes]
 
 
+PARTS = ("seq", "batch")
+
+
 def _status(out: pathlib.Path) -> dict[str, Any]:
     p = out / "study.json"
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
-def _write_status(out: pathlib.Path, status: dict[str, Any]) -> None:
-    tmp = out / "study.json.tmp"
-    tmp.write_text(json.dumps(status, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, out / "study.json")
+def update_status(out: str | os.PathLike, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``change`` to study.json under its lock (read, change, write atomically), so that the two parts of a
+    study running in two processes keep each other's entries; returns the new status."""
+    out = pathlib.Path(out)
+    with FileLock(str(out / "study.json.lock")):
+        status = _status(out)
+        change(status)
+        tmp = out / "study.json.tmp"
+        tmp.write_text(json.dumps(status, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, out / "study.json")
+    return status
 
 
 def run_timing(run: Run) -> dict[str, float]:
@@ -94,12 +110,13 @@ class LongStudy:
         self.templates: dict[tuple, list[str]] = {}
         self.targets = TargetCache()  # batch runs start from W₀: their first targets are shared
         self.out.mkdir(parents=True, exist_ok=True)
-        status = _status(self.out)
-        status.update(plan=asdict(plan), data=data, n_records=len(records),
-                      case_ids=[str(r.get("case_id", i)) for i, r in enumerate(records[:plan.n_edits])])
-        status.setdefault("runs", {})
-        self.status = status
-        _write_status(self.out, status)
+
+        def start(status: dict[str, Any]) -> None:
+            status.update(plan=asdict(plan), data=data, n_records=len(records),
+                          case_ids=[str(r.get("case_id", i)) for i, r in enumerate(records[:plan.n_edits])])
+            status.setdefault("runs", {})
+
+        self.status = update_status(self.out, start)
 
     def _open(self, path: pathlib.Path, editor_name: str, n: int, batch_size: int, eval_every: int,
               retention_sample: int) -> EditSession:
@@ -121,8 +138,18 @@ class LongStudy:
                                    "batch_size": batch_size, "study": str(self.out)})
 
     def _record(self, name: str, path: pathlib.Path) -> None:
-        self.status["runs"][name] = {"path": str(path.relative_to(self.out)), **run_timing(load_run(path))}
-        _write_status(self.out, self.status)
+        entry = {"path": str(path.relative_to(self.out)), **run_timing(load_run(path))}
+        self.status = update_status(self.out, lambda status: status.setdefault("runs", {}).__setitem__(name, entry))
+
+    def lock(self, part: str) -> AbstractContextManager:
+        """The lock of one part of the study, taken (a context manager that releases it); taking it fails at
+        once while another process runs that part."""
+        lock = FileLock(str(self.out / f"study.{part}.lock"))
+        try:
+            return lock.acquire(timeout=0)
+        except Timeout:
+            raise CollapseDiagError(f"another process is running the {part} part of the study in {self.out} "
+                                    f"(lock {lock.lock_file}); run the other part, or wait for it") from None
 
     def sequential(self) -> dict[str, Run]:
         """The sequential runs, advanced together one checkpoint interval at a time: the run furthest behind goes
@@ -144,27 +171,35 @@ class LongStudy:
         bar.close()
         return {e: load_run(p) for e, p in paths.items()}
 
-    def _fork_sequential(self, path: pathlib.Path, editor: str, batch_size: int, n: int) -> None:
+    def _fork_sequential(self, path: pathlib.Path, editor: str, batch_size: int, n: int) -> bool | None:
         """Batch size 1 of an editor that also has a sequential run is that run's first ``n`` edits (the same
-        edits on the same records with the same settings): fork them instead of making them again."""
+        edits on the same records with the same settings): fork them instead of making them again.
+
+        Returns True when it forked, False when the sequential run has not reached ``n`` edits yet, None when
+        there is nothing to fork (another batch size or editor, or the batch run exists already)."""
         src = self.out / "seq" / editor
-        if batch_size != 1 or editor not in self.plan.editors or (path / "config.json").exists() \
-                or not (src / "config.json").exists() or len(load_run(src).edits) < n:
-            return
+        if batch_size != 1 or editor not in self.plan.editors or (path / "config.json").exists():
+            return None
+        if not (src / "config.json").exists() or len(load_run(src).edits) < n:
+            return False
         fork_run(src, path, n, {"n_edits": n, "mode": "sequential", "batch_size": 1, "retention_sample": 0},
                  last_checkpoint=False)  # the end score re-tests every edit
+        return True
 
-    def batches(self) -> dict[str, Run]:
+    def batches(self, wait_for_forks: bool = False) -> dict[str, Run]:
         """The batch study: each editor at each batch size over the same first ``batch_edits`` records.
 
         Its checkpoints re-test every edit (no retention sample), so the end scores of all batch sizes cover
-        the same edits. Batch size 1 of an editor with a sequential run is forked from that run."""
+        the same edits. Batch size 1 of an editor with a sequential run is forked from that run; with
+        ``wait_for_forks`` (the sequential part runs elsewhere) a fork whose source is still short is left for
+        a later call instead of being edited from scratch."""
         plan = self.plan
         n = min(plan.batch_edits, len(self.records))
         runs = {}
         for name, editor, b in plan.batch_runs():
             path = self.out / "batch" / name
-            self._fork_sequential(path, editor, b, n)
+            if self._fork_sequential(path, editor, b, n) is False and wait_for_forks:
+                continue
             s = self._open(path, editor, n, b, b if b > 1 else plan.eval_every, 0)  # scored after each batch
             s.env.target_cache = self.targets
             # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
@@ -176,11 +211,23 @@ class LongStudy:
 
 
 def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike,
-                   plan: LongStudyPlan, batches: bool = True, **kw: Any) -> dict[str, dict[str, Run]]:
-    """Run (or resume) the long study; returns ``{"seq": {editor: Run}, "batch": {name: Run}}``."""
-    t0 = time.perf_counter()
+                   plan: LongStudyPlan, batches: bool = True, parts: tuple[str, ...] = PARTS,
+                   **kw: Any) -> dict[str, dict[str, Run]]:
+    """Run (or resume) the long study; returns ``{"seq": {editor: Run}, "batch": {name: Run}}``.
+
+    ``parts`` picks the sequential runs ("seq"), the batch study ("batch") or both, in that order; two processes
+    may run one part each at once (with one thread each on a small machine). Run alone, the batch part waits
+    for the sequential runs it forks from: those batch runs are made by a later call."""
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise CollapseDiagError(f"unknown study part(s) {sorted(unknown)}: choose from {list(PARTS)}")
+    parts = tuple(p for p in PARTS if p in parts and (p != "batch" or batches))
+    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
     study = LongStudy(model, tok, records, out, plan, **kw)
-    result = {"seq": study.sequential(), "batch": study.batches() if batches else {}}
-    study.status["last_session_seconds"] = round(time.perf_counter() - t0, 1)
-    _write_status(study.out, study.status)
+    result: dict[str, dict[str, Run]] = {"seq": {}, "batch": {}}
+    for part in parts:
+        with study.lock(part):
+            result[part] = study.sequential() if part == "seq" else study.batches(wait_for_forks="seq" not in parts)
+    sitting = {"parts": list(parts), "started": started, "seconds": round(time.perf_counter() - t0, 1)}
+    study.status = update_status(study.out, lambda status: status.setdefault("sittings", []).append(sitting))
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from collapsediag.longstudy import LongStudyPlan, run_long_study
 from collapsediag.stats import StatsCache, TextCorpus
@@ -92,3 +93,46 @@ def test_a_resumed_study_advances_the_run_furthest_behind_first(tok, tmp_path):
     rome = (tmp_path / "study" / "seq" / "rome" / "edits.jsonl").stat().st_mtime
     memit_first = (tmp_path / "study" / "seq" / "memit" / "factors" / "batch_000001.npz").stat().st_mtime
     assert memit_first < rome  # MEMIT caught up to edit 2 before ROME went on to edit 4
+
+
+def test_the_batch_part_alone_leaves_the_fork_for_later_and_the_parts_share_study_json(tok, tmp_path):
+    plan = LongStudyPlan(n_edits=2, editors=("memit",), eval_every=2, batch_editors=("memit",), batch_sizes=(1, 2),
+                         batch_edits=2, eval_passages=2, generation_prompts=1, hparams=HP)
+    result = _study(tok, tmp_path, plan, parts=("batch",))
+    assert list(result["batch"]) == ["memit-b2"] and result["seq"] == {}  # memit-b1 waits for seq/memit
+    assert not (tmp_path / "study" / "batch" / "memit-b1").exists()
+    result = _study(tok, tmp_path, plan, parts=("seq",))
+    assert list(result["seq"]) == ["memit"] and result["batch"] == {}
+    status = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert set(status["runs"]) == {"batch/memit-b2", "seq/memit"}  # neither part dropped the other's entry
+    assert [s["parts"] for s in status["sittings"]] == [["batch"], ["seq"]]
+    result = _study(tok, tmp_path, plan, parts=("batch",))  # now the fork can be made
+    assert result["batch"]["memit-b1"].config["forked_from"].endswith("seq/memit")
+
+
+def test_a_part_of_the_study_runs_in_one_process_at_a_time(tok, tmp_path):
+    from filelock import FileLock
+
+    from collapsediag.errors import CollapseDiagError
+
+    plan = LongStudyPlan(n_edits=2, editors=("rome",), eval_every=2, batch_editors=(), eval_passages=2,
+                         generation_prompts=1, hparams=HP)
+    (tmp_path / "study").mkdir()
+    held = FileLock(str(tmp_path / "study" / "study.seq.lock"))
+    with held:
+        with pytest.raises(CollapseDiagError, match="another process is running the seq part"):
+            _study(tok, tmp_path, plan)
+    assert not (tmp_path / "study" / "seq").exists()
+    with pytest.raises(CollapseDiagError, match="unknown study part"):
+        _study(tok, tmp_path, plan, parts=("sequential",))
+    assert _study(tok, tmp_path, plan)["seq"]["rome"].edits["edit_index"].tolist() == [0, 1]  # released after
+
+
+def test_update_status_keeps_what_another_writer_added(tmp_path):
+    from collapsediag.longstudy import update_status
+
+    update_status(tmp_path, lambda s: s.setdefault("runs", {}).__setitem__("seq/rome", {"edits": 3}))
+    update_status(tmp_path, lambda s: s["runs"].__setitem__("batch/memit-b16", {"edits": 16}))
+    final = update_status(tmp_path, lambda s: s["runs"].__setitem__("seq/rome", {"edits": 4}))
+    assert final["runs"] == {"seq/rome": {"edits": 4}, "batch/memit-b16": {"edits": 16}}
+    assert json.loads((tmp_path / "study.json").read_text()) == final
