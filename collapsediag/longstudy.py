@@ -23,13 +23,15 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
 from .editors import get_editor
-from .errors import CollapseDiagError
 from .editors.context import generate_templates
 from .editors.target import TargetCache
+from .errors import CollapseDiagError
 from .fluency import GENERATION_PROMPTS, heldout_texts
 from .progress import progress_bar
 from .resume import fork_run
@@ -80,13 +82,20 @@ def update_status(out: str | os.PathLike, change: Callable[[dict[str, Any]], Non
     return status
 
 
-def run_timing(run: Run) -> dict[str, float]:
-    """Wall time of a run (edits and checkpoints, as recorded), the median seconds per edit, and edits per hour
-    from the median edit plus the checkpoints' share (robust to one edit timed across a suspended process)."""
-    n = len(run.edits)
-    evals = float(run.evals["seconds"].fillna(0).sum())
-    seconds = float(run.edits["seconds"].sum()) + evals
-    median = float(run.edits["seconds"].median()) if n else 0.0
+def run_timing(run: Run, first: int = 0, stop: int | None = None) -> dict[str, float]:
+    """Wall time of a run's edits ``first``..``stop - 1`` (all by default) and of the checkpoints after them, as
+    recorded; the median seconds per edit; and edits per hour from the median edit plus the checkpoints' share
+    (robust to one edit timed across a suspended process). A range picks edits made in one setting, e.g. one
+    sitting of the study at one thread count."""
+    idx = run.edits["edit_index"]
+    edits = run.edits[(idx >= first) & (idx < (stop if stop is not None else np.inf))]
+    at = run.evals["edit_index"]
+    in_range = (at >= first) & (at < (stop if stop is not None else np.inf))  # the unedited baseline (-1) is not
+    n = len(edits)
+    evals = float(run.evals.loc[in_range, "seconds"].fillna(0).sum()) + \
+        (float(run.evals.loc[at == -1, "seconds"].fillna(0).sum()) if first == 0 else 0.0)
+    seconds = float(edits["seconds"].sum()) + evals
+    median = float(edits["seconds"].median()) if n else 0.0
     per_edit = median + evals / n if n else 0.0
     return {"edits": n, "seconds": round(seconds, 1), "seconds_per_edit_median": round(median, 2),
             "edits_per_hour": round(3600 / per_edit, 1) if per_edit else 0}
@@ -109,6 +118,8 @@ class LongStudy:
         self.prompts = list(GENERATION_PROMPTS[:plan.generation_prompts])
         self.templates: dict[tuple, list[str]] = {}
         self.targets = TargetCache()  # batch runs start from W₀: their first targets are shared
+        self.sitting: dict[str, Any] | None = None
+        self._t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
 
         def start(status: dict[str, Any]) -> None:
@@ -137,9 +148,38 @@ class LongStudy:
                            config={"data": self.status.get("data"), "n_edits": n, "mode": mode,
                                    "batch_size": batch_size, "study": str(self.out)})
 
-    def _record(self, name: str, path: pathlib.Path) -> None:
-        entry = {"path": str(path.relative_to(self.out)), **run_timing(load_run(path))}
-        self.status = update_status(self.out, lambda status: status.setdefault("runs", {}).__setitem__(name, entry))
+    def _record(self, name: str, path: pathlib.Path, before: int) -> None:
+        """Update study.json with the run's timing and this sitting's span of it (``before``: its edits when
+        this sitting took it up)."""
+        run = load_run(path)
+        entry = {"path": str(path.relative_to(self.out)), **run_timing(run)}
+        if self.sitting is not None:
+            self.sitting["seconds"] = round(time.perf_counter() - self._t0, 1)
+            span = self.sitting["edits"].setdefault(name, [before, len(run.edits)])
+            span[1] = len(run.edits)
+
+        def change(status: dict[str, Any]) -> None:
+            status.setdefault("runs", {})[name] = entry
+            if self.sitting is not None:
+                status["sittings"][self.sitting["index"]] = self.sitting
+
+        self.status = update_status(self.out, change)
+
+    def start_sitting(self, parts: tuple[str, ...]) -> None:
+        """Log this sitting in study.json (its parts, torch threads, start, and then, as runs advance, its
+        seconds and each run's edits [from, to)), so that every edit's timing can be told to its setting even
+        when the process is killed."""
+        self._t0 = time.perf_counter()
+        sitting: dict[str, Any] = {"parts": list(parts), "threads": torch.get_num_threads(),
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0, "edits": {}}
+
+        def add(status: dict[str, Any]) -> None:
+            sittings = status.setdefault("sittings", [])
+            sitting["index"] = len(sittings)
+            sittings.append(sitting)
+
+        self.status = update_status(self.out, add)
+        self.sitting = sitting
 
     def lock(self, part: str) -> AbstractContextManager:
         """The lock of one part of the study, taken (a context manager that releases it); taking it fails at
@@ -167,7 +207,7 @@ class LongStudy:
             before = s.n_edits
             s.run(self.records[s.n_edits:stop], batch_size=1, progress=False)
             bar.update(s.n_edits - before)
-            self._record(f"seq/{e}", paths[e])
+            self._record(f"seq/{e}", paths[e], before)
         bar.close()
         return {e: load_run(p) for e, p in paths.items()}
 
@@ -203,8 +243,9 @@ class LongStudy:
             s = self._open(path, editor, n, b, b if b > 1 else plan.eval_every, 0)  # scored after each batch
             s.env.target_cache = self.targets
             # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
+            before = s.n_edits
             s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress and s.n_edits < n)
-            self._record(f"batch/{name}", path)
+            self._record(f"batch/{name}", path, before)
             runs[name] = load_run(path)
             del s
         return runs
@@ -222,12 +263,10 @@ def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]],
     if unknown or not parts:
         raise CollapseDiagError(f"unknown study part(s) {sorted(unknown)}: choose from {list(PARTS)}")
     parts = tuple(p for p in PARTS if p in parts and (p != "batch" or batches))
-    t0, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
     study = LongStudy(model, tok, records, out, plan, **kw)
+    study.start_sitting(parts)
     result: dict[str, dict[str, Run]] = {"seq": {}, "batch": {}}
     for part in parts:
         with study.lock(part):
             result[part] = study.sequential() if part == "seq" else study.batches(wait_for_forks="seq" not in parts)
-    sitting = {"parts": list(parts), "started": started, "seconds": round(time.perf_counter() - t0, 1)}
-    study.status = update_status(study.out, lambda status: status.setdefault("sittings", []).append(sitting))
     return result

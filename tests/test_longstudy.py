@@ -106,6 +106,8 @@ def test_the_batch_part_alone_leaves_the_fork_for_later_and_the_parts_share_stud
     status = json.loads((tmp_path / "study" / "study.json").read_text())
     assert set(status["runs"]) == {"batch/memit-b2", "seq/memit"}  # neither part dropped the other's entry
     assert [s["parts"] for s in status["sittings"]] == [["batch"], ["seq"]]
+    assert [s["edits"] for s in status["sittings"]] == [{"batch/memit-b2": [0, 2]}, {"seq/memit": [0, 2]}]
+    assert all(s["threads"] >= 1 and s["seconds"] > 0 for s in status["sittings"])
     result = _study(tok, tmp_path, plan, parts=("batch",))  # now the fork can be made
     assert result["batch"]["memit-b1"].config["forked_from"].endswith("seq/memit")
 
@@ -136,3 +138,19 @@ def test_update_status_keeps_what_another_writer_added(tmp_path):
     final = update_status(tmp_path, lambda s: s["runs"].__setitem__("seq/rome", {"edits": 4}))
     assert final["runs"] == {"seq/rome": {"edits": 4}, "batch/memit-b16": {"edits": 16}}
     assert json.loads((tmp_path / "study.json").read_text()) == final
+
+
+def test_run_timing_of_a_range_of_edits(tok, tmp_path):
+    from collapsediag.longstudy import run_timing
+    from collapsediag.store import load_run
+
+    plan = LongStudyPlan(n_edits=4, editors=("memit",), eval_every=2, batch_editors=(), eval_passages=2,
+                         generation_prompts=1, hparams=HP)
+    run = _study(tok, tmp_path, plan)["seq"]["memit"]
+    secs, evals = run.edits.set_index("edit_index")["seconds"], run.evals.set_index("edit_index")["seconds"]
+    late = run_timing(run, first=2)
+    assert late["edits"] == 2 and late["seconds"] == round(secs[2] + secs[3] + evals[3], 1)
+    early = run_timing(run, 0, 2)
+    assert early["edits"] == 2 and early["seconds"] == round(secs[0] + secs[1] + evals[-1] + evals[1], 1)
+    assert early["seconds_per_edit_median"] == round(float(secs[[0, 1]].median()), 2)
+    assert run_timing(load_run(run.path))["edits"] == 4
