@@ -26,7 +26,7 @@ def run_deltas(run: object, batch_index: int, arch: ArchSpec, device: torch.devi
 def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool = True) -> nn.Module:
     """Apply the updates of edits 0..``upto`` of ``run`` (whole batches: the batch holding ``upto`` is
     included) to the unedited ``model`` in place. In a run of edits made each alone on the unedited model
-    (``validate.edit_each_alone``: config mode "alone") only edit ``upto``'s update is applied."""
+    (``validate.edit_each_alone``, ``run.made_alone``) only edit ``upto``'s update is applied."""
     if check_fingerprint and model_fingerprint(model) != run.config.get("model_fingerprint"):
         raise CollapseDiagError("the model is not the run's unedited base model (fingerprint differs)")
     done = run.edits["edit_index"].astype(int)
@@ -35,7 +35,7 @@ def apply_run(model: nn.Module, run: object, upto: int, check_fingerprint: bool 
     arch = ArchSpec(**run.config["arch"])
     device = next(model.parameters()).device
     batch_of = run.edits.assign(edit_index=done).set_index("edit_index")["batch_index"].astype(int)
-    if run.config.get("mode") == "alone":
+    if run.made_alone:
         if upto >= 0:
             apply_deltas(model, run_deltas(run, int(batch_of[upto]), arch, device))
         return model

@@ -140,7 +140,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
 
     run = load_run(path)
     cfg = run.config
-    if cfg.get("mode") == "alone":
+    if run.made_alone:
         raise CollapseDiagError(f"{path}: its edits were each made alone on the unedited model; there is no "
                                 "edited model to go on from (run edit_each_alone again for more records)")
     if model_fingerprint(model) != cfg["model_fingerprint"]:

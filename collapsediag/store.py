@@ -248,6 +248,9 @@ def complete_batches(edits: pd.DataFrame, path: object = "") -> pd.DataFrame:
     return edits[keep].reset_index(drop=True)
 
 
+ALONE = "alone"  # config mode of a run whose edits were each made alone on the unedited model
+
+
 class Run:
     """A saved run: ``config`` (dict) and the tables ``edits``, ``layers``, ``evals``, ``retention``."""
 
@@ -273,6 +276,12 @@ class Run:
         metric, layer = key
         rows = self.layers[self.layers["layer"] == layer]
         return rows.set_index("edit_index")[metric]
+
+    @property
+    def made_alone(self) -> bool:
+        """Whether each edit was made alone on the unedited model (``validate.edit_each_alone``): then
+        ``model_at(i)`` is the unedited model plus edit i, and the run cannot be resumed."""
+        return self.config.get("mode") == ALONE
 
     def factors_file(self, batch_index: int) -> pathlib.Path | None:
         """The factors file of one batch on disk (``edit_*`` in runs written before batches existed), or None."""

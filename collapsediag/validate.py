@@ -19,6 +19,7 @@ from .editors.target import TargetCache
 from .fluency import perplexity
 from .session import EditSession
 from .stats import LayerStats
+from .store import ALONE
 
 
 def edit_each_alone(model: nn.Module, tok: object, records: list[dict[str, Any]], editors: list[str],
@@ -40,7 +41,7 @@ def edit_each_alone(model: nn.Module, tok: object, records: list[dict[str, Any]]
         sessions[name] = EditSession(
             model, tok, get_editor(name, {"layer": layer, **(hparams or {})}), templates=templates, stats=stats,
             target_cache=targets, out=None if out is None else pathlib.Path(out) / name, progress=False,
-            config={"mode": "alone", "batch_size": 1, "note": "every edit made alone on the unedited model: "
+            config={"mode": ALONE, "batch_size": 1, "note": "every edit made alone on the unedited model: "
                     "model_at(i) is the unedited model with edit i alone; --resume does not apply"})
         templates = sessions[name].env.templates
     rows = []

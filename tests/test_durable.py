@@ -46,6 +46,7 @@ def test_retention_rows(tok, env_for, tmp_path, n, k):
     s = _session(model, tok, env_for, tmp_path, eval_every=k)
     s.run(FACTS[:n], progress=False)
     run = load_run(tmp_path / "run")
+    assert not run.made_alone  # a sequential run: model_at(i) holds edits 0..i
     checkpoints = sorted(set(list(range(k - 1, n, k)) + [n - 1]))
     assert run.evals["edit_index"].tolist() == [-1] + checkpoints  # −1: the unedited baseline
     base = run.evals.iloc[0]

@@ -30,6 +30,7 @@ def test_each_edit_alone_measures_and_restores(tiny, env_for, tmp_path):
     assert (tmp_path / "runs" / "rome" / "edits.jsonl").exists() and (tmp_path / "runs" / "r-rome").exists()
     # model_at(i) of such a run is the unedited model with edit i alone: its perplexity is the one measured
     run = load_run(tmp_path / "runs" / "rome")
+    assert run.made_alone
     for i, want in enumerate(df.loc[df["editor"] == "rome", "perplexity_alone"]):
         edited = run.model_at(i, model=copy.deepcopy(model))
         assert perplexity(edited, tok, corpus_texts(3)) == pytest.approx(want, rel=1e-5)
