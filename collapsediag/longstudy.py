@@ -64,8 +64,9 @@ class LongStudyPlan:
 PARTS = ("seq", "batch")
 
 
-def _status(out: pathlib.Path) -> dict[str, Any]:
-    p = out / "study.json"
+def read_status(out: str | os.PathLike) -> dict[str, Any]:
+    """study.json of the study in ``out`` (empty before the study starts)."""
+    p = pathlib.Path(out) / "study.json"
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
@@ -74,7 +75,7 @@ def update_status(out: str | os.PathLike, change: Callable[[dict[str, Any]], Non
     study running in two processes keep each other's entries; returns the new status."""
     out = pathlib.Path(out)
     with FileLock(str(out / "study.json.lock")):
-        status = _status(out)
+        status = read_status(out)
         change(status)
         tmp = out / "study.json.tmp"
         tmp.write_text(json.dumps(status, indent=1, default=str), encoding="utf-8")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import early_warning, forgetting_phases, warning_lead
-from .longstudy import run_timing
+from .longstudy import read_status, run_timing
 from .store import Run, load_run
 from .study import CANNOT_SAY, growth_vs_forgetting, spearman_or_nan, weight_l1_growth
 
@@ -86,6 +86,30 @@ def batch_table(batch: dict[str, Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _overlaps(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    t = [pd.Timestamp(x["started"]) for x in (a, b)]
+    return t[0] < t[1] + pd.Timedelta(seconds=b["seconds"]) and t[1] < t[0] + pd.Timedelta(seconds=a["seconds"])
+
+
+def timing_table(out: str | os.PathLike, runs: dict[str, Run]) -> pd.DataFrame:
+    """Edits per hour of each run in each setting it was made in: one row per sitting and run from study.json's
+    sittings log (``runs`` keyed "seq/<editor>", "batch/<name>"), with the sitting's torch threads and whether
+    it ran alone (no other sitting overlapping it in time; a sitting may also say so itself)."""
+    sittings = read_status(out).get("sittings", [])
+    rows = []
+    for i, s in enumerate(sittings):
+        alone = s.get("alone")
+        if alone is None:
+            alone = not any(_overlaps(s, o) for j, o in enumerate(sittings) if j != i and o.get("started"))
+        for name, (a, b) in s.get("edits", {}).items():
+            if b > a and name in runs:
+                rows.append({"run": name, "sitting": i, "threads": s["threads"], "alone": bool(alone),
+                             "from_edit": a, "to_edit": b,
+                             **{k: v for k, v in run_timing(runs[name], a, b).items() if k != "edits"}})
+    return pd.DataFrame(rows, columns=["run", "sitting", "threads", "alone", "from_edit", "to_edit", "seconds",
+                                       "seconds_per_edit_median", "edits_per_hour"])
+
+
 def _common_edit(a: pd.Series, b: pd.Series) -> int | None:
     both = sorted(set(a.index) & set(b.index))
     return int(both[-1]) if both else None
@@ -153,10 +177,12 @@ def write_study_report(out: str | os.PathLike, figures: str | os.PathLike | None
 
     out = pathlib.Path(out)
     seq, batch = study_runs(out)
-    tables = {"editors": editor_table(seq), "batches": batch_table(batch), "findings": study_findings(seq, batch)}
+    tables = {"editors": editor_table(seq), "batches": batch_table(batch), "findings": study_findings(seq, batch),
+              "timing": timing_table(out, {**{f"seq/{n}": r for n, r in seq.items()},
+                                           **{f"batch/{n}": r for n, r in batch.items()}})}
     text = "\n".join(f"## {title}\n\n{markdown_table(df) if len(df) else '(none yet)'}\n"
                      for title, df in (("Findings", tables["findings"]), ("Sequential runs", tables["editors"]),
-                                       ("Batch study", tables["batches"])))
+                                       ("Batch study", tables["batches"]), ("Timing by sitting", tables["timing"])))
     (out / "findings.md").write_text(text, encoding="utf-8")
     fig_dir = pathlib.Path(figures) if figures else out / "figures"
     if seq:

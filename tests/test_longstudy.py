@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from collapsediag.longstudy import LongStudyPlan, run_long_study
 from collapsediag.stats import StatsCache, TextCorpus
@@ -79,6 +80,7 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
                     "(iii) bigger batches lower MEMIT"):
         assert finding in text
     assert "batch 1:" in text and "batch 4:" in text and "edits_per_hour" in text
+    assert "## Timing by sitting" in text and "| seq/memit | 0 |" in text
     for name in ("spectral", "warnings", "norm_growth", "forgetting", "norm_growth_memit_family"):
         assert (tmp_path / "f" / "seq" / f"{name}.png").exists(), name
     assert (tmp_path / "f" / "batch-memit" / "batch_neighborhood.png").exists()
@@ -110,6 +112,31 @@ def test_the_batch_part_alone_leaves_the_fork_for_later_and_the_parts_share_stud
     assert all(s["threads"] >= 1 and s["seconds"] > 0 for s in status["sittings"])
     result = _study(tok, tmp_path, plan, parts=("batch",))  # now the fork can be made
     assert result["batch"]["memit-b1"].config["forked_from"].endswith("seq/memit")
+
+
+def test_timing_by_sitting_tells_threads_and_company_apart(tok, tmp_path):
+    from collapsediag.longstudy import update_status
+    from collapsediag.studyreport import timing_table
+
+    plan = LongStudyPlan(n_edits=2, editors=("memit",), eval_every=1, batch_editors=(), eval_passages=2,
+                         generation_prompts=1, hparams=HP)
+    run = _study(tok, tmp_path, plan)["seq"]["memit"]
+    out = tmp_path / "study"
+    table = timing_table(out, {"seq/memit": run})
+    assert table[["run", "sitting", "alone", "from_edit", "to_edit"]].values.tolist() == [["seq/memit", 0, True, 0, 2]]
+    first = read_sittings(out)[0]
+    # a second process overlapping the first in time, and a sitting from before the log that says it ran alone
+    update_status(out, lambda s: s["sittings"].extend([
+        {"parts": ["batch"], "threads": 1, "started": first["started"], "seconds": 5.0, "edits": {}},
+        {"parts": ["seq"], "threads": 2, "started": None, "alone": True, "seconds": 0, "edits": {"seq/memit": [1, 2]}}]))
+    table = timing_table(out, {"seq/memit": run})
+    assert table[["sitting", "alone", "from_edit", "to_edit"]].values.tolist() == [[0, False, 0, 2], [2, True, 1, 2]]
+    assert table["threads"].tolist() == [torch.get_num_threads(), 2]
+    assert table["seconds_per_edit_median"].iloc[1] == round(float(run.edits["seconds"].iloc[1]), 2)
+
+
+def read_sittings(out):
+    return json.loads((out / "study.json").read_text())["sittings"]
 
 
 def test_a_part_of_the_study_runs_in_one_process_at_a_time(tok, tmp_path):
