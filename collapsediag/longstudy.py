@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ from .progress import progress_bar
 from .resume import fork_run
 from .session import EditSession
 from .stats import StatsCache, TextCorpus
-from .store import Run, load_run
+from .store import Run, atomic_write, dumps, load_run
 
 
 @dataclass
@@ -77,9 +77,7 @@ def update_status(out: str | os.PathLike, change: Callable[[dict[str, Any]], Non
     with FileLock(str(out / "study.json.lock")):
         status = read_status(out)
         change(status)
-        tmp = out / "study.json.tmp"
-        tmp.write_text(json.dumps(status, indent=1, default=str), encoding="utf-8")
-        os.replace(tmp, out / "study.json")
+        atomic_write(out / "study.json", dumps(status, indent=1, default=str))
     return status
 
 
@@ -87,11 +85,13 @@ def run_timing(run: Run, first: int = 0, stop: int | None = None) -> dict[str, f
     """Wall time of a run's edits ``first``..``stop - 1`` (all by default) and of the checkpoints after them, as
     recorded; the median seconds per edit; and edits per hour from the median edit plus the checkpoints' share
     (robust to one edit timed across a suspended process). A range picks edits made in one setting, e.g. one
-    sitting of the study at one thread count."""
+    sitting of the study at one thread count. A range from edit 0 also carries the unedited baseline's
+    checkpoint, a one-off cost of starting the run."""
+    end = np.inf if stop is None else stop
     idx = run.edits["edit_index"]
-    edits = run.edits[(idx >= first) & (idx < (stop if stop is not None else np.inf))]
+    edits = run.edits[(idx >= first) & (idx < end)]
     at = run.evals["edit_index"]
-    in_range = (at >= first) & (at < (stop if stop is not None else np.inf))  # the unedited baseline (-1) is not
+    in_range = (at >= first) & (at < end)  # the unedited baseline (-1) is not
     n = len(edits)
     evals = float(run.evals.loc[in_range, "seconds"].fillna(0).sum()) + \
         (float(run.evals.loc[at == -1, "seconds"].fillna(0).sum()) if first == 0 else 0.0)
@@ -149,27 +149,30 @@ class LongStudy:
                            config={"data": self.status.get("data"), "n_edits": n, "mode": mode,
                                    "batch_size": batch_size, "study": str(self.out)})
 
-    def _record(self, name: str, path: pathlib.Path, before: int) -> None:
+    def _record(self, name: str | None, path: pathlib.Path | None = None, before: int = 0) -> None:
         """Update study.json with the run's timing and this sitting's span of it (``before``: its edits when
-        this sitting took it up)."""
-        run = load_run(path)
-        entry = {"path": str(path.relative_to(self.out)), **run_timing(run)}
+        this sitting took it up); with no run, only the sitting's seconds."""
+        entry = None
+        if name is not None:
+            run = load_run(path)
+            entry = {"path": str(path.relative_to(self.out)), **run_timing(run)}
         if self.sitting is not None:
             self.sitting["seconds"] = round(time.perf_counter() - self._t0, 1)
-            span = self.sitting["edits"].setdefault(name, [before, len(run.edits)])
-            span[1] = len(run.edits)
+            if name is not None:
+                self.sitting["edits"].setdefault(name, [before, len(run.edits)])[1] = len(run.edits)
 
         def change(status: dict[str, Any]) -> None:
-            status.setdefault("runs", {})[name] = entry
+            if entry is not None:
+                status.setdefault("runs", {})[name] = entry
             if self.sitting is not None:
-                status["sittings"][self.sitting["index"]] = self.sitting
+                status["sittings"][self.sitting["index"]].update(self.sitting)
 
         self.status = update_status(self.out, change)
 
     def start_sitting(self, parts: tuple[str, ...]) -> None:
-        """Log this sitting in study.json (its parts, torch threads, start, and then, as runs advance, its
-        seconds and each run's edits [from, to)), so that every edit's timing can be told to its setting even
-        when the process is killed."""
+        """Log this sitting in study.json: its parts, torch threads and start, and then, each time a run has
+        advanced (a checkpoint interval, a batch run), its seconds and each run's edits [from, to). A killed
+        sitting keeps what it logged last: the edits after its last log belong to no sitting."""
         self._t0 = time.perf_counter()
         sitting: dict[str, Any] = {"parts": list(parts), "threads": torch.get_num_threads(),
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0, "edits": {}}
@@ -261,13 +264,21 @@ def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]],
     may run one part each at once (with one thread each on a small machine). Run alone, the batch part waits
     for the sequential runs it forks from: those batch runs are made by a later call."""
     unknown = set(parts) - set(PARTS)
-    if unknown or not parts:
+    if unknown:
         raise CollapseDiagError(f"unknown study part(s) {sorted(unknown)}: choose from {list(PARTS)}")
-    parts = tuple(p for p in PARTS if p in parts and (p != "batch" or batches))
+    parts = tuple(p for p in PARTS if p in parts and (p != "batch" or (batches and plan.batch_editors)))
+    if not parts:
+        raise CollapseDiagError("nothing to run: the batch part alone, with no batch editors")
     study = LongStudy(model, tok, records, out, plan, **kw)
-    study.start_sitting(parts)
     result: dict[str, dict[str, Run]] = {"seq": {}, "batch": {}}
-    for part in parts:
-        with study.lock(part):
-            result[part] = study.sequential() if part == "seq" else study.batches(wait_for_forks="seq" not in parts)
+    with ExitStack() as locks:
+        for part in parts:  # all locks first: a refused part starts nothing and logs no sitting
+            locks.enter_context(study.lock(part))
+        study.start_sitting(parts)
+        try:
+            for part in parts:
+                result[part] = study.sequential() if part == "seq" else \
+                    study.batches(wait_for_forks="seq" not in parts)
+        finally:
+            study._record(None)  # the sitting's seconds, also when it is stopped by an error or Ctrl-C
     return result

@@ -27,8 +27,15 @@ def _fsync_append(path: pathlib.Path, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+    """A temporary name beside ``path`` of this process's own (two processes may write the same file)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file moved into place)."""
+    path = pathlib.Path(path)
+    tmp = _tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -77,12 +84,12 @@ class RunWriter:
             raise CollapseDiagError(f"{p} already holds a run: choose another --out or use --resume")
         w = cls(p)
         w.write_config(config)
-        _atomic_write(p / "schema.json", dumps(schema.as_dict(), indent=1))
+        atomic_write(p / "schema.json", dumps(schema.as_dict(), indent=1))
         return w
 
     def write_config(self, config: dict[str, Any]) -> None:
         """(Re)write config.json atomically."""
-        _atomic_write(self.path / "config.json", dumps(config, indent=2, default=str))
+        atomic_write(self.path / "config.json", dumps(config, indent=2, default=str))
 
     def append(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Append rows to ``<table>.jsonl``."""
@@ -98,7 +105,7 @@ class RunWriter:
         rows = [{k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v
                  for k, v in r.items() if not _missing(v)}
                 for r in df.to_dict("records")]  # missing values left out, as in appended rows
-        _atomic_write(self.path / f"{table}.jsonl", "".join(dumps(r) + "\n" for r in rows))
+        atomic_write(self.path / f"{table}.jsonl", "".join(dumps(r) + "\n" for r in rows))
 
     def save_snapshot(self, edit_index: int, weights: dict[str, np.ndarray]) -> None:
         """Store the edited matrices after ``edit_index`` (``w_<layer>``, Linear orientation), so that
@@ -172,7 +179,7 @@ def _write_columnar(p: pathlib.Path, df: pd.DataFrame, data: bytes, covered: int
                                              "blake2b": hashlib.blake2b(data[:covered]).hexdigest()}).encode()}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
         cp.parent.mkdir(exist_ok=True)
-        tmp = cp.with_name(cp.name + ".tmp")
+        tmp = _tmp_path(cp)  # the study's two processes may both read (and so copy) one run
         pq.write_table(table, tmp)
         os.replace(tmp, cp)
     except (OSError, pa.ArrowException, TypeError, ValueError) as exc:  # mixed-type column, read-only dir

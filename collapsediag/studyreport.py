@@ -86,24 +86,31 @@ def batch_table(batch: dict[str, Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _overlaps(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    t = [pd.Timestamp(x["started"]) for x in (a, b)]
-    return t[0] < t[1] + pd.Timedelta(seconds=b["seconds"]) and t[1] < t[0] + pd.Timedelta(seconds=a["seconds"])
+def _span(sitting: dict[str, Any]) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """When a sitting that did something ran, or None when it is not known (or it did nothing)."""
+    if not sitting.get("started") or not sitting.get("seconds") or not sitting.get("edits"):
+        return None
+    t0 = pd.Timestamp(sitting["started"])
+    return t0, t0 + pd.Timedelta(seconds=float(sitting["seconds"]))
 
 
 def timing_table(out: str | os.PathLike, runs: dict[str, Run]) -> pd.DataFrame:
     """Edits per hour of each run in each setting it was made in: one row per sitting and run from study.json's
     sittings log (``runs`` keyed "seq/<editor>", "batch/<name>"), with the sitting's torch threads and whether
-    it ran alone (no other sitting overlapping it in time; a sitting may also say so itself)."""
+    it ran alone: no other sitting that made edits overlapped it in time. A sitting may say so itself
+    (``"alone"``); one with no start time that does not is unknown (None)."""
     sittings = read_status(out).get("sittings", [])
+    spans = [_span(s) for s in sittings]
     rows = []
     for i, s in enumerate(sittings):
         alone = s.get("alone")
-        if alone is None:
-            alone = not any(_overlaps(s, o) for j, o in enumerate(sittings) if j != i and o.get("started"))
+        if alone is None and spans[i] is not None:
+            a0, a1 = spans[i]
+            alone = not any(o is not None and a0 < o[1] and o[0] < a1 for j, o in enumerate(spans) if j != i)
         for name, (a, b) in s.get("edits", {}).items():
             if b > a and name in runs:
-                rows.append({"run": name, "sitting": i, "threads": s["threads"], "alone": bool(alone),
+                rows.append({"run": name, "sitting": i, "threads": s.get("threads"),
+                             "alone": None if alone is None else bool(alone),
                              "from_edit": a, "to_edit": b,
                              **{k: v for k, v in run_timing(runs[name], a, b).items() if k != "edits"}})
     return pd.DataFrame(rows, columns=["run", "sitting", "threads", "alone", "from_edit", "to_edit", "seconds",

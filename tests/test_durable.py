@@ -214,3 +214,12 @@ def test_old_runs_with_bare_nan_still_load(tmp_path):
     assert np.isnan(run.config["x"])
     assert run.evals["retention"].dtype == np.float64 and np.isnan(run.evals["retention"].iloc[0])
     assert run.evals["perplexity"].tolist() == [3.5, np.inf] and run.evals["n_retention"].isna().all()
+
+
+def test_atomic_write_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):
+    from collapsediag.store import atomic_write
+
+    target = tmp_path / "study.json"
+    atomic_write(target, "old text, longer than the new")
+    atomic_write(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["study.json"]

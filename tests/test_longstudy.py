@@ -127,11 +127,14 @@ def test_timing_by_sitting_tells_threads_and_company_apart(tok, tmp_path):
     first = read_sittings(out)[0]
     # a second process overlapping the first in time, and a sitting from before the log that says it ran alone
     update_status(out, lambda s: s["sittings"].extend([
-        {"parts": ["batch"], "threads": 1, "started": first["started"], "seconds": 5.0, "edits": {}},
-        {"parts": ["seq"], "threads": 2, "started": None, "alone": True, "seconds": 0, "edits": {"seq/memit": [1, 2]}}]))
+        {"parts": ["batch"], "threads": 1, "started": first["started"], "seconds": 5.0, "edits": {"batch/x": [0, 4]}},
+        {"parts": ["seq"], "threads": 2, "started": None, "alone": True, "seconds": None, "edits": {"seq/memit": [1, 2]}},
+        {"parts": ["seq"], "threads": 2, "started": None, "seconds": None, "edits": {"seq/memit": [0, 1]}},
+        {"parts": ["batch"], "threads": 1, "started": first["started"], "seconds": 0.0, "edits": {}}]))  # refused
     table = timing_table(out, {"seq/memit": run})
-    assert table[["sitting", "alone", "from_edit", "to_edit"]].values.tolist() == [[0, False, 0, 2], [2, True, 1, 2]]
-    assert table["threads"].tolist() == [torch.get_num_threads(), 2]
+    assert table[["sitting", "alone", "from_edit", "to_edit"]].values.tolist() == \
+        [[0, False, 0, 2], [2, True, 1, 2], [3, None, 0, 1]]
+    assert table["threads"].tolist() == [torch.get_num_threads(), 2, 2]
     assert table["seconds_per_edit_median"].iloc[1] == round(float(run.edits["seconds"].iloc[1]), 2)
 
 
@@ -152,19 +155,34 @@ def test_a_part_of_the_study_runs_in_one_process_at_a_time(tok, tmp_path):
         with pytest.raises(CollapseDiagError, match="another process is running the seq part"):
             _study(tok, tmp_path, plan)
     assert not (tmp_path / "study" / "seq").exists()
+    assert "sittings" not in json.loads((tmp_path / "study" / "study.json").read_text())  # a refused start logs none
     with pytest.raises(CollapseDiagError, match="unknown study part"):
         _study(tok, tmp_path, plan, parts=("sequential",))
+    with pytest.raises(CollapseDiagError, match="nothing to run"):
+        _study(tok, tmp_path, plan, parts=("batch",))  # the plan has no batch editors
     assert _study(tok, tmp_path, plan)["seq"]["rome"].edits["edit_index"].tolist() == [0, 1]  # released after
 
 
-def test_update_status_keeps_what_another_writer_added(tmp_path):
+def _count_up(out, key, times):
     from collapsediag.longstudy import update_status
 
-    update_status(tmp_path, lambda s: s.setdefault("runs", {}).__setitem__("seq/rome", {"edits": 3}))
-    update_status(tmp_path, lambda s: s["runs"].__setitem__("batch/memit-b16", {"edits": 16}))
-    final = update_status(tmp_path, lambda s: s["runs"].__setitem__("seq/rome", {"edits": 4}))
-    assert final["runs"] == {"seq/rome": {"edits": 4}, "batch/memit-b16": {"edits": 16}}
-    assert json.loads((tmp_path / "study.json").read_text()) == final
+    for _ in range(times):
+        update_status(out, lambda s: s.__setitem__(key, s.get(key, 0) + 1))
+        update_status(out, lambda s: s.__setitem__("total", s.get("total", 0) + 1))
+
+
+def test_update_status_loses_no_write_of_two_processes(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_count_up, args=(tmp_path, key, 60)) for key in ("seq", "batch")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert json.loads((tmp_path / "study.json").read_text()) == {"seq": 60, "batch": 60, "total": 120}
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_run_timing_of_a_range_of_edits(tok, tmp_path):
