@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from collapsediag.arch import arch_for
+from collapsediag.checkpoints import scored_prompts
 from collapsediag.data import load_data
 from collapsediag.editors import get_editor
 from collapsediag.editors import target as target_mod
@@ -217,12 +218,7 @@ def bench_diagnostics(model: torch.nn.Module, tok: object, records: list[dict], 
 def bench_eval(model: torch.nn.Module, tok: object, reqs: list[EditRequest]) -> dict:
     """``target_probs`` over every rewrite, paraphrase and neighborhood prompt (new and true target), against a
     bare forward (full logits) over the same sequences in the same sorted batches of 32."""
-    prompts, targets = [], []
-    for r in reqs:
-        for t in [r.text, *r.paraphrase_prompts, *r.neighborhood_prompts]:
-            t = t.format(r.subject) if "{}" in t else t
-            prompts += [t, t]
-            targets += [r.target_new, r.target_true]
+    prompts, targets, _, _ = scored_prompts(reqs)
     seqs = sorted((continuation(encode(tok, p), target_ids(tok, t))[0] for p, t in zip(prompts, targets)), key=len)
     device = next(model.parameters()).device
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from .requests import EditRequest
     from .session import EditSession
 
 DEFAULT_SAMPLE = 200
@@ -33,14 +34,12 @@ def retention_sample(done: list[int], since: int, sample: int, seed: int, checkp
     return sorted(older + recent), set(recent)
 
 
-def _scores(session: "EditSession", tested: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """p(target_new), p(target_true) of every rewrite/paraphrase/neighborhood prompt of the tested edits, with
-    the position of each prompt's edit in ``tested`` and its kind."""
-    from .evaluate import target_probs
-
+def scored_prompts(requests: list["EditRequest"]) -> tuple[list[str], list[str], list[int], list[str]]:
+    """What a checkpoint scores: every rewrite, paraphrase and neighborhood prompt of the requests that have a
+    true target, each twice in a row (with target_new, then target_true); per prompt, the position of its
+    request in ``requests`` and its kind."""
     prompts, targets, owner, kinds = [], [], [], []
-    for j, i in enumerate(tested):
-        r = session.requests[i]
+    for j, r in enumerate(requests):
         if not r.target_true:
             continue
         for kind, texts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts),
@@ -51,6 +50,15 @@ def _scores(session: "EditSession", tested: list[int]) -> tuple[np.ndarray, np.n
                 targets += [r.target_new, r.target_true]
                 owner.append(j)
                 kinds.append(kind)
+    return prompts, targets, owner, kinds
+
+
+def _scores(session: "EditSession", tested: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """p(target_new), p(target_true) of every rewrite/paraphrase/neighborhood prompt of the tested edits, with
+    the position of each prompt's edit in ``tested`` and its kind."""
+    from .evaluate import target_probs
+
+    prompts, targets, owner, kinds = scored_prompts([session.requests[i] for i in tested])
     p = target_probs(session.model, session.tok, prompts, targets) if prompts else np.empty(0)
     return p[0::2], p[1::2], np.array(owner, dtype=int), np.array(kinds)
 

@@ -29,6 +29,26 @@ def test_target_probs_match_full_logits(tiny):
     assert got == pytest.approx(want, rel=1e-4)
 
 
+def test_target_probs_share_one_forward_per_input_and_match_full_logits(tiny):
+    model, tok = tiny
+    from collapsediag.tokens import target_ids
+
+    prompts = ["Paris is located in"] * 3 + ["Tokyo plays the"] * 2
+    targets = ["city", "music", "piano guitar", "city", "music"]
+    n_tok = [len(target_ids(tok, t)) for t in targets]
+    assert n_tok[:2] == n_tok[3:] == [1, 1] and n_tok[2] > 1
+    rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    try:
+        got = target_probs(model, tok, prompts, targets, batch_size=2)
+    finally:
+        hook.remove()
+    assert sum(rows) == 3  # "Paris is located in" once for both one-token targets, once with "piano…"; Tokyo once
+    want = [_plain_prob(model, tok, p, t) for p, t in zip(prompts, targets)]
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got[0] != got[1] and got[3] != got[4]
+
+
 def test_request_probs_and_scores(tiny):
     model, tok = tiny
     req = EditRequest(case_id=1, subject="Paris", prompt="{} is located in", target_new="Japan", target_true="Spain",
@@ -47,3 +67,15 @@ def test_request_probs_and_scores(tiny):
     assert math.isnan(request_probs(model, tok, no_true)[1])
     assert all(math.isnan(v) for v in request_scores(model, tok, no_true).values())
     assert success_share(np.array([0.2, 0.6]), np.array([0.3, 0.1]), True) == 0.5
+
+
+def test_scored_prompts_pairs_every_prompt_with_both_targets():
+    from collapsediag.checkpoints import scored_prompts
+
+    reqs = [EditRequest(case_id=1, subject="Paris", prompt="{} is located in", target_new="Japan", target_true="Spain",
+                        paraphrase_prompts=["I think {} is in"], neighborhood_prompts=["Tokyo is in", "Rome is in"]),
+            EditRequest(case_id=2, subject="Oslo", prompt="{} is in", target_new="Peru")]  # no true target
+    prompts, targets, owner, kinds = scored_prompts(reqs)
+    assert prompts == ["Paris is located in"] * 2 + ["I think Paris is in"] * 2 + ["Tokyo is in"] * 2 + ["Rome is in"] * 2
+    assert targets == ["Japan", "Spain"] * 4
+    assert owner == [0, 0, 0, 0] and kinds == ["rewrite", "paraphrase", "neighborhood", "neighborhood"]
