@@ -36,6 +36,8 @@ def robust_z(values: pd.Series | np.ndarray) -> np.ndarray:
     With MAD = 0 (most values equal) every value off the median gets ±inf.
     """
     x = np.asarray(values, dtype=float)
+    if np.isnan(x).all():  # a signal the run does not have: no z-scores, and no numpy warning
+        return np.full(x.shape, np.nan)
     med = np.nanmedian(x)
     mad = 1.4826 * np.nanmedian(np.abs(x - med))
     if mad == 0 or not np.isfinite(mad):
@@ -348,13 +350,19 @@ def early_warning(run: Run, thresholds: dict[str, float] | None = None, window: 
 
 
 def warning_lead(run: Run, warnings: pd.DataFrame | None = None) -> dict[str, Any]:
-    """The first warning against the catastrophic onset that ``forgetting_phases`` finds: ``lead`` = onset −
-    first warning (edits; positive = the warning came first), or a false alarm when the run never turns
-    catastrophic."""
+    """The early warnings against the catastrophic onset that ``forgetting_phases`` finds, in edits (positive =
+    the warning came first): ``lead`` = onset − the run's first warning, ``last_lead`` = onset − the last warning
+    at or before the onset (``last_signal``), which tells a warning on the collapsing edit itself from one
+    raised long before by another event. The onset is a checkpoint, so the collapse lies in the interval before
+    it. ``false_alarm``: the run warned and never turned catastrophic."""
     warnings = early_warning(run) if warnings is None else warnings
     phases = forgetting_phases(run)
     first = int(warnings["edit_index"].min()) if len(warnings) else None
     onset = phases["onset"] if phases["catastrophic"] else None
+    before = warnings[warnings["edit_index"] <= onset] if onset is not None else warnings.iloc[:0]
+    last = before.iloc[-1] if len(before) else None
     return {"first_warning": first, "first_signal": warnings["signal"].iloc[0] if len(warnings) else None,
             "catastrophic_onset": onset, "lead": onset - first if onset is not None and first is not None else None,
+            "last_lead": onset - int(last["edit_index"]) if last is not None else None,
+            "last_signal": last["signal"] if last is not None else None,
             "false_alarm": bool(onset is None and first is not None)}

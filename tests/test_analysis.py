@@ -1,6 +1,8 @@
 """Disabling-edit flags and forgetting phases on synthetic runs with known answers."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,6 +44,9 @@ def test_robust_z_sees_through_outliers():
     z = robust_z([1, 1.1, 0.9, 1.05, 0.95, 50])
     assert z[-1] > 100 and np.all(np.abs(z[:-1]) < 2)
     assert robust_z([2, 2, 2, 3])[-1] == np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a signal the run lacks gives NaN z-scores without a numpy warning
+        assert np.isnan(robust_z([np.nan, np.nan])).all()
 
 
 def test_flags_find_every_planted_outlier_and_nothing_else(tmp_path):

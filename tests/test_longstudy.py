@@ -77,8 +77,9 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.strip() == (tmp_path / "study" / "findings.md").read_text().strip()
     for finding in ("(i) gradual forgetting", "(ii) weight_l1 growth tracks", "(ii) D4S and ENCORE",
-                    "(iii) bigger batches lower MEMIT"):
+                    "early warning: every catastrophic onset", "(iii) bigger batches lower MEMIT"):
         assert finding in text
+    assert "false alarms (warned, never catastrophic):" in text
     assert "batch 1:" in text and "batch 4:" in text and "edits_per_hour" in text
     assert "## Timing by sitting" in text and "| seq/memit | 0 |" in text
     for name in ("spectral", "warnings", "norm_growth", "forgetting", "norm_growth_memit_family"):
