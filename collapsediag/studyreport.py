@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .analysis import early_warning, forgetting_phases, warning_lead
+from .analysis import disabling_edits, early_warning, forgetting_phases, warning_lead
 from .longstudy import read_status, run_timing
 from .store import Run, load_run
 from .study import CANNOT_SAY, growth_vs_forgetting, spearman_or_nan, weight_l1_growth
@@ -69,6 +69,18 @@ def editor_table(seq: dict[str, Run]) -> pd.DataFrame:
                      "last_signal": lead["last_signal"], "false_alarm": lead["false_alarm"],
                      **{k: v for k, v in run_timing(run).items() if k != "edits"}})
     return pd.DataFrame(rows)
+
+
+DISABLING_COLUMNS = ["editor", "edit_index", "first_edit", "case_id", "subject", "perplexity_before",
+                     "perplexity_after", "perplexity_ratio", "signals", "denominator", "key_cosine", "update_ratio"]
+
+
+def disabling_table(seq: dict[str, Run]) -> pd.DataFrame:
+    """The sequential runs' disabling edits (``analysis.disabling_edits``: perplexity up ``COLLAPSE_RATIO``
+    times between two checkpoints, the suspect being the largest update in between), one row each."""
+    frames = [disabling_edits(run).assign(editor=name) for name, run in seq.items()]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True)[DISABLING_COLUMNS] if frames else pd.DataFrame(columns=DISABLING_COLUMNS)
 
 
 def batch_table(batch: dict[str, Run]) -> pd.DataFrame:
@@ -188,10 +200,21 @@ def study_findings(seq: dict[str, Run], batch: dict[str, Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["finding", "reproduced", "evidence"])
 
 
+def _tables(out: str | os.PathLike, seq: dict[str, Run], batch: dict[str, Run]) -> dict[str, pd.DataFrame]:
+    return {"findings": study_findings(seq, batch), "editors": editor_table(seq), "disabling": disabling_table(seq),
+            "batches": batch_table(batch),
+            "timing": timing_table(out, {**{f"seq/{n}": r for n, r in seq.items()},
+                                         **{f"batch/{n}": r for n, r in batch.items()}})}
+
+
 def study_report(out: str | os.PathLike) -> dict[str, pd.DataFrame]:
-    """The editor table, batch table and findings of the study in ``out`` (what exists so far)."""
-    seq, batch = study_runs(out)
-    return {"editors": editor_table(seq), "batches": batch_table(batch), "findings": study_findings(seq, batch)}
+    """The tables of the study in ``out`` (what exists so far): findings, editors (sequential runs), disabling
+    (their disabling edits), batches (the batch study) and timing (edits per hour by sitting)."""
+    return _tables(out, *study_runs(out))
+
+
+TITLES = {"findings": "Findings", "editors": "Sequential runs", "disabling": "Disabling edits in the sequential runs",
+          "batches": "Batch study", "timing": "Timing by sitting"}
 
 
 def write_study_report(out: str | os.PathLike, figures: str | os.PathLike | None = None) -> str:
@@ -202,12 +225,9 @@ def write_study_report(out: str | os.PathLike, figures: str | os.PathLike | None
 
     out = pathlib.Path(out)
     seq, batch = study_runs(out)
-    tables = {"editors": editor_table(seq), "batches": batch_table(batch), "findings": study_findings(seq, batch),
-              "timing": timing_table(out, {**{f"seq/{n}": r for n, r in seq.items()},
-                                           **{f"batch/{n}": r for n, r in batch.items()}})}
-    text = "\n".join(f"## {title}\n\n{markdown_table(df) if len(df) else '(none yet)'}\n"
-                     for title, df in (("Findings", tables["findings"]), ("Sequential runs", tables["editors"]),
-                                       ("Batch study", tables["batches"]), ("Timing by sitting", tables["timing"])))
+    tables = _tables(out, seq, batch)
+    text = "\n".join(f"## {TITLES[key]}\n\n{markdown_table(df) if len(df) else '(none yet)'}\n"
+                     for key, df in tables.items())
     (out / "findings.md").write_text(text, encoding="utf-8")
     fig_dir = pathlib.Path(figures) if figures else out / "figures"
     if seq:

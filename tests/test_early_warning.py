@@ -102,3 +102,21 @@ def test_the_study_finding_on_warnings_names_leads_and_false_alarms(tmp_path):
     assert "false alarms (warned, never catastrophic): memit of 2 runs without an onset" in row["evidence"]
     seq["rome"] = norm_run(tmp_path / "silent", growth=0.0, onset=89)
     assert _warning_finding(seq)["reproduced"] is False
+
+
+def test_disabling_table_names_the_largest_update_before_a_perplexity_jump(tmp_path):
+    import pandas as pd
+
+    from collapsediag.analysis import COLLAPSE_RATIO
+    from collapsediag.store import RunWriter
+    from collapsediag.studyreport import DISABLING_COLUMNS, disabling_table
+
+    run = norm_run(tmp_path / "jump", growth=0.0, spike=83)
+    ev = run.evals.copy()
+    ev.loc[ev["edit_index"] >= 89, "perplexity"] = 8.0 * COLLAPSE_RATIO * 1.5  # the model breaks in 80..89
+    RunWriter(run.path).rewrite("evals", ev)
+    table = disabling_table({"rome": load_run(run.path), "memit": norm_run(tmp_path / "calm", growth=0.0)})
+    assert list(table.columns) == DISABLING_COLUMNS
+    assert table[["editor", "edit_index", "first_edit"]].values.tolist() == [["rome", 83, 80]]
+    assert table["perplexity_ratio"].iloc[0] == pytest.approx(COLLAPSE_RATIO * 1.5)
+    assert disabling_table({}).empty and isinstance(disabling_table({}), pd.DataFrame)

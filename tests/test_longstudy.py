@@ -80,6 +80,12 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
                     "early warning: every catastrophic onset", "(iii) bigger batches lower MEMIT"):
         assert finding in text
     assert "false alarms (warned, never catastrophic):" in text
+    from collapsediag.studyreport import study_report
+
+    tables = study_report(tmp_path / "study")
+    assert list(tables) == ["findings", "editors", "disabling", "batches", "timing"]
+    assert tables["editors"]["editor"].tolist() == ["d4s", "encore", "memit"]
+    assert "## Disabling edits in the sequential runs" in text
     assert "batch 1:" in text and "batch 4:" in text and "edits_per_hour" in text
     assert "## Timing by sitting" in text and "| seq/memit | 0 |" in text
     for name in ("spectral", "warnings", "norm_growth", "forgetting", "norm_growth_memit_family"):
