@@ -244,12 +244,23 @@ class LongStudy:
             path = self.out / "batch" / name
             if self._fork_sequential(path, editor, b, n) is False and wait_for_forks:
                 continue
-            s = self._open(path, editor, n, b, b if b > 1 else plan.eval_every, 0)  # scored after each batch
+            every = b if b > 1 else plan.eval_every  # scored after each batch (size 1: as the sequential runs)
+            s = self._open(path, editor, n, b, every, 0)
             s.env.target_cache = self.targets
-            # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
             before = s.n_edits
-            s.run(self.records[s.n_edits:n], batch_size=b, progress=self.progress and s.n_edits < n)
-            self._record(f"batch/{name}", path, before)
+            bar = progress_bar(total=n, initial=before, desc=name, unit="edit", disable=not self.progress)
+            while True:  # one checkpoint interval at a time, logged as it goes
+                stop = min(n, (s.n_edits // every + 1) * every)
+                # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
+                done = s.n_edits
+                s.run(self.records[s.n_edits:stop], batch_size=b, progress=False)
+                bar.update(s.n_edits - done)
+                self._record(f"batch/{name}", path, before)
+                if s.n_edits >= n:
+                    break
+                if s.n_edits == done:
+                    raise CollapseDiagError(f"batch run {name} made no edit at edit {done} of {n}")
+            bar.close()
             runs[name] = load_run(path)
             del s
         return runs

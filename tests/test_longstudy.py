@@ -22,6 +22,25 @@ def _study(tok, tmp_path, plan, **kw):
                           progress=False, **kw)
 
 
+def test_a_batch_run_is_logged_after_each_checkpoint_interval(tok, tmp_path, monkeypatch):
+    from collapsediag.longstudy import LongStudy
+
+    logged = []
+    real = LongStudy._record
+    def record(self, name, path=None, before=0):
+        real(self, name, path, before)
+        logged.append((name, self.sitting["edits"][name][1] if name else None))
+
+    monkeypatch.setattr(LongStudy, "_record", record)
+    plan = LongStudyPlan(n_edits=4, editors=(), eval_every=2, batch_editors=("memit",), batch_sizes=(1, 2),
+                         batch_edits=4, eval_passages=2, generation_prompts=1, hparams=HP)
+    result = _study(tok, tmp_path, plan, parts=("batch",))
+    assert logged[:-1] == [("batch/memit-b1", 2), ("batch/memit-b1", 4), ("batch/memit-b2", 2), ("batch/memit-b2", 4)]
+    assert logged[-1] == (None, None)  # the sitting's seconds at its end
+    assert [int(r.edits["batch_index"].max()) + 1 for r in result["batch"].values()] == [4, 2]
+    assert [r.evals["edit_index"].tolist() for r in result["batch"].values()] == [[-1, 1, 3], [-1, 1, 3]]
+
+
 def test_long_study_runs_every_editor_and_the_batch_study(tok, tmp_path):
     plan = LongStudyPlan(n_edits=4, editors=("rome", "memit", "encore"), eval_every=2, retention_sample=1,
                          batch_editors=("memit",), batch_sizes=(1, 2, 4), batch_edits=4, eval_passages=2,
