@@ -75,30 +75,30 @@ def test_report_shows_warnings_beside_the_forgetting_phases(tmp_path):
     assert "sigma1_growth_rate" in text.split("## Early warnings")[1]
 
 
-def test_last_lead_tells_the_warning_on_the_collapse_from_an_early_one(tmp_path):
-    run = norm_run(tmp_path / "two", growth=0.0, onset=89, spike=80)
+def test_last_warning_tells_the_warning_on_the_collapse_from_an_early_one(tmp_path):
+    run = norm_run(tmp_path / "two", growth=0.0, onset=89, spike=93)  # a huge update inside the collapse interval
     warn = early_warning(run, {"weight_sigma1_ratio": 0.5})  # fires at edit 0, long before anything happens
     assert warn[["edit_index", "signal"]].drop_duplicates().values.tolist() == \
-        [[0, "weight_sigma1_ratio"], [80, "update_ratio"]]
+        [[0, "weight_sigma1_ratio"], [93, "update_ratio"]]
     lead = warning_lead(run, warn)
-    onset = lead["catastrophic_onset"]
-    assert onset is not None and 80 < onset <= 99
-    assert lead["lead"] == onset and lead["last_lead"] == onset - 80 and lead["last_signal"] == "update_ratio"
+    assert (lead["catastrophic_onset"], lead["detected"]) == (89, 99)  # the steep segment starts at 89, seen at 99
+    assert lead["lead"] == 89 and lead["first_signal"] == "weight_sigma1_ratio"
+    assert (lead["last_warning"], lead["last_signal"], lead["ahead_of_checkpoint"]) == (93, "update_ratio", 6)
     assert not lead["false_alarm"]
     flat = warning_lead(norm_run(tmp_path / "flat", growth=0.0, spike=80))
-    assert flat["false_alarm"] and flat["last_lead"] is None and flat["catastrophic_onset"] is None
+    assert flat["false_alarm"] and flat["last_warning"] is None and flat["catastrophic_onset"] is None
 
 
 def test_the_study_finding_on_warnings_names_leads_and_false_alarms(tmp_path):
     from collapsediag.studyreport import _warning_finding
 
-    seq = {"rome": norm_run(tmp_path / "rome", growth=0.0, onset=89, spike=80),
+    seq = {"rome": norm_run(tmp_path / "rome", growth=0.0, onset=89, spike=93),
            "memit": norm_run(tmp_path / "memit", growth=0.0, spike=30),
            "encore": norm_run(tmp_path / "encore", growth=0.0)}
     row = _warning_finding(seq)
-    onset = warning_lead(seq["rome"])["catastrophic_onset"]
     assert row["reproduced"] is True
-    assert f"rome: onset at checkpoint {onset}, last warning {onset - 80} edits before (update_ratio)" in row["evidence"]
+    assert ("rome: onset after checkpoint 89, first measured at 99; last warning before that at edit 93 "
+            "(update_ratio, 6 edits ahead of the checkpoint)") in row["evidence"]
     assert "false alarms (warned, never catastrophic): memit of 2 runs without an onset" in row["evidence"]
     seq["rome"] = norm_run(tmp_path / "silent", growth=0.0, onset=89)
     assert _warning_finding(seq)["reproduced"] is False
