@@ -352,26 +352,27 @@ def early_warning(run: Run, thresholds: dict[str, float] | None = None, window: 
 def warning_lead(run: Run, warnings: pd.DataFrame | None = None) -> dict[str, Any]:
     """The early warnings against the catastrophic onset that ``forgetting_phases`` finds.
 
-    ``lead`` = onset − the run's first warning, in edits (positive = the warning came first). The onset is the
-    checkpoint where the steep segment starts; the drop is first measured at the next checkpoint
-    (``detected``). ``last_warning`` is the last warning at or before ``detected`` (``last_signal``), and
-    ``ahead_of_checkpoint`` = detected − last_warning: how many edits sooner than the checkpoints it told of
-    the collapse. It tells a warning on the collapsing edit itself from one raised long before by another
-    event. ``false_alarm``: the run warned and never turned catastrophic."""
+    ``lead`` = onset − the run's first warning, in edits (positive = the warning came first). The onset is
+    the first checkpoint of the steep segment, so the collapse began after the checkpoint before it
+    (``last_gradual``). ``collapse_warning`` is the first warning after that checkpoint (``collapse_signal``)
+    and ``collapse_lead`` = onset − collapse_warning: how many edits sooner than the checkpoints it told of
+    the collapse (negative: after the onset checkpoint). It tells a warning on the collapsing edits from one
+    raised long before by another event. ``false_alarm``: the run warned and never turned catastrophic."""
     warnings = early_warning(run) if warnings is None else warnings
     phases = forgetting_phases(run)
     first = int(warnings["edit_index"].min()) if len(warnings) else None
     onset = phases["onset"] if phases["catastrophic"] else None
-    detected = last = None
+    last_gradual = hit = None
     if onset is not None:
         checks = run.evals.dropna(subset=["retention"])["edit_index"]
-        later = checks[checks > onset]
-        detected = int(later.min()) if len(later) else onset
-        before = warnings[warnings["edit_index"] <= detected]
-        last = before.iloc[-1] if len(before) else None
+        earlier = checks[checks < onset]
+        last_gradual = int(earlier.max()) if len(earlier) else -1
+        after = warnings[warnings["edit_index"] > last_gradual]
+        hit = after.iloc[0] if len(after) else None
     return {"first_warning": first, "first_signal": warnings["signal"].iloc[0] if len(warnings) else None,
             "catastrophic_onset": onset, "lead": onset - first if onset is not None and first is not None else None,
-            "detected": detected, "last_warning": int(last["edit_index"]) if last is not None else None,
-            "last_signal": last["signal"] if last is not None else None,
-            "ahead_of_checkpoint": detected - int(last["edit_index"]) if last is not None else None,
+            "last_gradual": last_gradual,
+            "collapse_warning": int(hit["edit_index"]) if hit is not None else None,
+            "collapse_signal": hit["signal"] if hit is not None else None,
+            "collapse_lead": onset - int(hit["edit_index"]) if hit is not None else None,
             "false_alarm": bool(onset is None and first is not None)}

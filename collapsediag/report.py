@@ -146,8 +146,8 @@ def format_report(runs: list[Run], fmt: str = "text") -> str:
     warn_table = pd.concat([w.assign(run=name) for name, w in warns.items()], ignore_index=True)
     warn_table = warn_table[["run"] + [c for c in warn_table.columns if c != "run"]]
     sections = [("Summary", table), ("Flagged edits (possible disabling edits)", flags),
-                ("Forgetting phases and the early warnings (lead = onset − first warning; last_warning: the last "
-                 "before the checkpoint that measured the drop)", phases),
+                ("Forgetting phases and the early warnings (lead = onset − first warning; collapse_lead = onset − "
+                 "first warning after the gradual phase)", phases),
                 ("Early warnings (signals at edit time crossing their thresholds)", warn_table)]
     stories = [line for r in runs for line in explain(r)]
     for r in runs:

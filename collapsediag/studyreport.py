@@ -65,8 +65,8 @@ def editor_table(seq: dict[str, Run]) -> pd.DataFrame:
                      "weight_l1_growth_pct": 100 * float(growth.iloc[-1]) if len(growth) else np.nan,
                      "sigma1_ratio": float(s1.iloc[-1]) if len(s1) else np.nan,
                      "first_warning": lead["first_warning"], "warning_signal": lead["first_signal"],
-                     "lead_edits": lead["lead"], "last_warning": lead["last_warning"],
-                     "last_signal": lead["last_signal"], "false_alarm": lead["false_alarm"],
+                     "lead_edits": lead["lead"], "collapse_warning": lead["collapse_warning"],
+                     "collapse_signal": lead["collapse_signal"], "false_alarm": lead["false_alarm"],
                      **{k: v for k, v in run_timing(run).items() if k != "edits"}})
     return pd.DataFrame(rows)
 
@@ -136,20 +136,22 @@ def _common_edit(a: pd.Series, b: pd.Series) -> int | None:
 
 
 def _warning_finding(seq: dict[str, Run]) -> dict[str, Any]:
-    """Whether every run that turned catastrophic warned before the checkpoint that measured it; the warnings
-    and the false alarms."""
+    """Whether every run that turned catastrophic warned, after its gradual phase, no later than its onset
+    checkpoint; the warnings and the false alarms."""
     leads = {n: warning_lead(r) for n, r in seq.items()}
     hit = {n: w for n, w in leads.items() if w["catastrophic_onset"] is not None}
-    told = [f"{n}: onset after checkpoint {w['catastrophic_onset']}, first measured at {w['detected']}; " +
-            (f"last warning before that at edit {w['last_warning']} ({w['last_signal']}, "
-             f"{w['ahead_of_checkpoint']} edits ahead of the checkpoint), first at edit {w['first_warning']} "
-             f"({w['first_signal']}, lead {w['lead']})" if w["last_warning"] is not None else "no warning before it")
+    told = [f"{n}: steep from checkpoint {w['catastrophic_onset']} (gradual up to {w['last_gradual']}); " +
+            (f"first warning after {w['last_gradual']} at edit {w['collapse_warning']} ({w['collapse_signal']}, "
+             f"{w['collapse_lead']} edits before the onset checkpoint); first warning of the run at edit "
+             f"{w['first_warning']} ({w['first_signal']}, lead {w['lead']})" if w["collapse_warning"] is not None
+             else "no warning during the collapse")
             for n, w in hit.items()]
     alarms = [n for n, w in leads.items() if w["false_alarm"]]
     told.append(f"false alarms (warned, never catastrophic): {', '.join(alarms) if alarms else 'none'}"
                 f" of {len(leads) - len(hit)} runs without an onset")
-    return {"finding": "early warning: every catastrophic onset had a warning before the checkpoint that saw it",
-            "reproduced": all(w["last_warning"] is not None for w in hit.values()) if hit else CANNOT_SAY,
+    return {"finding": "early warning: every catastrophic collapse warned no later than its onset checkpoint",
+            "reproduced": all(w["collapse_lead"] is not None and w["collapse_lead"] >= 0 for w in hit.values())
+            if hit else CANNOT_SAY,
             "evidence": "; ".join(told)}
 
 

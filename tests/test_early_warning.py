@@ -75,30 +75,32 @@ def test_report_shows_warnings_beside_the_forgetting_phases(tmp_path):
     assert "sigma1_growth_rate" in text.split("## Early warnings")[1]
 
 
-def test_last_warning_tells_the_warning_on_the_collapse_from_an_early_one(tmp_path):
-    run = norm_run(tmp_path / "two", growth=0.0, onset=89, spike=93)  # a huge update inside the collapse interval
+def test_collapse_warning_tells_the_warning_on_the_collapse_from_an_early_one(tmp_path):
+    run = norm_run(tmp_path / "two", growth=0.0, onset=89, spike=85)  # a huge update just before the drop
     warn = early_warning(run, {"weight_sigma1_ratio": 0.5})  # fires at edit 0, long before anything happens
     assert warn[["edit_index", "signal"]].drop_duplicates().values.tolist() == \
-        [[0, "weight_sigma1_ratio"], [93, "update_ratio"]]
+        [[0, "weight_sigma1_ratio"], [85, "update_ratio"]]
     lead = warning_lead(run, warn)
-    assert (lead["catastrophic_onset"], lead["detected"]) == (89, 99)  # the steep segment starts at 89, seen at 99
+    assert (lead["catastrophic_onset"], lead["last_gradual"]) == (89, 79)  # steep from 89, gradual up to 79
     assert lead["lead"] == 89 and lead["first_signal"] == "weight_sigma1_ratio"
-    assert (lead["last_warning"], lead["last_signal"], lead["ahead_of_checkpoint"]) == (93, "update_ratio", 6)
+    assert (lead["collapse_warning"], lead["collapse_signal"], lead["collapse_lead"]) == (85, "update_ratio", 4)
     assert not lead["false_alarm"]
+    late = warning_lead(norm_run(tmp_path / "late", growth=0.0, onset=89, spike=93))
+    assert late["collapse_warning"] == 93 and late["collapse_lead"] == -4  # after the onset checkpoint
     flat = warning_lead(norm_run(tmp_path / "flat", growth=0.0, spike=80))
-    assert flat["false_alarm"] and flat["last_warning"] is None and flat["catastrophic_onset"] is None
+    assert flat["false_alarm"] and flat["collapse_warning"] is None and flat["catastrophic_onset"] is None
 
 
 def test_the_study_finding_on_warnings_names_leads_and_false_alarms(tmp_path):
     from collapsediag.studyreport import _warning_finding
 
-    seq = {"rome": norm_run(tmp_path / "rome", growth=0.0, onset=89, spike=93),
+    seq = {"rome": norm_run(tmp_path / "rome", growth=0.0, onset=89, spike=85),
            "memit": norm_run(tmp_path / "memit", growth=0.0, spike=30),
            "encore": norm_run(tmp_path / "encore", growth=0.0)}
     row = _warning_finding(seq)
     assert row["reproduced"] is True
-    assert ("rome: onset after checkpoint 89, first measured at 99; last warning before that at edit 93 "
-            "(update_ratio, 6 edits ahead of the checkpoint)") in row["evidence"]
+    assert ("rome: steep from checkpoint 89 (gradual up to 79); first warning after 79 at edit 85 "
+            "(update_ratio, 4 edits before the onset checkpoint)") in row["evidence"]
     assert "false alarms (warned, never catastrophic): memit of 2 runs without an onset" in row["evidence"]
     seq["rome"] = norm_run(tmp_path / "silent", growth=0.0, onset=89)
     assert _warning_finding(seq)["reproduced"] is False

@@ -96,7 +96,7 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.strip() == (tmp_path / "study" / "findings.md").read_text().strip()
     for finding in ("(i) gradual forgetting", "(ii) weight_l1 growth tracks", "(ii) D4S and ENCORE",
-                    "early warning: every catastrophic onset", "(iii) bigger batches lower MEMIT"):
+                    "early warning: every catastrophic collapse", "(iii) bigger batches lower MEMIT"):
         assert finding in text
     assert "false alarms (warned, never catastrophic):" in text
     from collapsediag.studyreport import study_report
