@@ -324,9 +324,10 @@ def plot_spectral(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
 
 
 def plot_warnings(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
-    """One panel per run: retention at each checkpoint, the first early warning (dashed) and the catastrophic
-    onset that ``forgetting_phases`` finds (solid), so the lead of the warning is read off the edit axis."""
-    from .analysis import early_warning, forgetting_phases
+    """One panel per run: retention at each checkpoint, the first early warning (dashed), the first warning
+    after the gradual phase (dotted, ``warning_lead``'s collapse_warning) and the catastrophic onset that
+    ``forgetting_phases`` finds (solid), so the lead of the warnings is read off the edit axis."""
+    from .analysis import early_warning, forgetting_phases, warning_lead
 
     runs = _runs(runs)
     ncols = min(3, len(runs))
@@ -343,6 +344,10 @@ def plot_warnings(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
         ph = forgetting_phases(run)
         if ph["catastrophic"]:
             a.axvline(ph["onset"] + 1, ls="-", color="tab:red", label="catastrophic onset")
+            lead = warning_lead(run, warns)
+            if lead["collapse_warning"] is not None and lead["collapse_warning"] != lead["first_warning"]:
+                a.axvline(lead["collapse_warning"] + 1, ls=":", color="tab:purple",
+                          label=f"warning in the collapse ({lead['collapse_signal']})")
         a.set_ylim(-0.03, 1.03)
         a.set_title(label, fontsize="small")
         a.set_ylabel("retention")

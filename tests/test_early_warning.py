@@ -122,3 +122,17 @@ def test_disabling_table_names_the_largest_update_before_a_perplexity_jump(tmp_p
     assert table[["editor", "edit_index", "first_edit"]].values.tolist() == [["rome", 83, 80]]
     assert table["perplexity_ratio"].iloc[0] == pytest.approx(COLLAPSE_RATIO * 1.5)
     assert disabling_table({}).empty and isinstance(disabling_table({}), pd.DataFrame)
+
+
+def test_plot_warnings_marks_the_first_warning_the_collapse_warning_and_the_onset(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from collapsediag.plots import plot_warnings
+
+    run = norm_run(tmp_path / "both", growth=0.02, onset=89, spike=85)
+    (ax,) = plot_warnings(run)
+    lines = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines() if line.get_label()[0] != "_"}
+    lead = warning_lead(run)
+    assert lines == {f"first warning ({lead['first_signal']})": lead["first_warning"] + 1,
+                     "warning in the collapse (update_ratio)": 86, "catastrophic onset": 90}
