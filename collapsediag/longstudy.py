@@ -81,6 +81,11 @@ def update_status(out: str | os.PathLike, change: Callable[[dict[str, Any]], Non
     return status
 
 
+def interval_end(done: int, every: int, n: int) -> int:
+    """Where a run with ``done`` edits stops next: its next checkpoint (every ``every`` edits), at most ``n``."""
+    return min(n, (done // every + 1) * every)
+
+
 def run_timing(run: Run, first: int = 0, stop: int | None = None) -> dict[str, float]:
     """Wall time of a run's edits ``first``..``stop - 1`` (all by default) and of the checkpoints after them, as
     recorded; the median seconds per edit; and edits per hour from the median edit plus the checkpoints' share
@@ -206,7 +211,7 @@ class LongStudy:
         while any(s.n_edits < n for s in sessions.values()):
             e = min(sessions, key=lambda name: sessions[name].n_edits)  # the run furthest behind (ties: plan order)
             s = sessions[e]
-            stop = min(n, (s.n_edits // plan.eval_every + 1) * plan.eval_every)
+            stop = interval_end(s.n_edits, plan.eval_every, n)
             bar.set_postfix(editor=e, edit=s.n_edits)
             before = s.n_edits
             s.run(self.records[s.n_edits:stop], batch_size=1, progress=False)
@@ -250,7 +255,7 @@ class LongStudy:
             before = s.n_edits
             bar = progress_bar(total=n, initial=before, desc=name, unit="edit", disable=not self.progress)
             while True:  # one checkpoint interval at a time, logged as it goes
-                stop = min(n, (s.n_edits // every + 1) * every)
+                stop = interval_end(s.n_edits, every, n)
                 # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
                 done = s.n_edits
                 s.run(self.records[s.n_edits:stop], batch_size=b, progress=False)

@@ -225,3 +225,10 @@ def test_run_timing_of_a_range_of_edits(tok, tmp_path):
     assert early["edits"] == 2 and early["seconds"] == round(secs[0] + secs[1] + evals[-1] + evals[1], 1)
     assert early["seconds_per_edit_median"] == round(float(secs[[0, 1]].median()), 2)
     assert run_timing(load_run(run.path))["edits"] == 4
+
+
+def test_interval_end_is_the_next_checkpoint_within_the_run():
+    from collapsediag.longstudy import interval_end
+
+    assert [interval_end(d, 25, 300) for d in (0, 24, 25, 290)] == [25, 25, 50, 300]
+    assert interval_end(256, 16, 256) == 256  # a finished run: nothing left
