@@ -9,7 +9,7 @@ import pytest
 
 from collapsediag import load_run
 from collapsediag.analysis import (change_point, confirm_disabling_edits, flag_disabling_edits, flag_scores,
-                                   forgetting_phases, robust_z)
+                                   departure, forgetting_phases, robust_z)
 from collapsediag.store import RunWriter
 
 NORM_OUT, DEN_OUT, PPL_JUMP, ENT_DROP = {7, 19, 33}, {12, 27}, 25, 31
@@ -188,3 +188,25 @@ def test_edits_not_taken_and_the_report_explain_them(tmp_path):
     both = explain(rome_like_run(tmp_path / "both", planted=11, missed=(4, 11)))
     assert sum("(c11" in x for x in both) == 1
     assert any("edit 11 (c11" in x and "disabled the model" in x and "did not take" in x for x in both)
+
+
+def test_departure_finds_where_a_series_leaves_its_trend_for_good():
+    x = np.arange(10.0)
+    y = np.where(x < 6, 1 - 0.01 * x, 0.5)
+    assert departure(x, y, margin=0.1) == 6
+    assert departure(x, 1 - 0.01 * x, margin=0.1) is None
+    blip = 1 - 0.01 * x
+    blip[5] = 0.5  # one low checkpoint that recovers is no departure
+    assert departure(x, blip, margin=0.1) is None
+
+
+def test_a_collapse_that_levels_off_is_catastrophic_at_its_step(tmp_path):
+    """Retention holds, falls in two steps, then sits on a plateau: the two-segment fit puts its break on the
+    plateau (a flat second segment), the step rule puts the onset at the first fallen checkpoint."""
+    rng = np.random.default_rng(3)
+    ret = np.r_[1 - 0.001 * np.arange(24), 0.82, 0.6, 0.63 + rng.normal(0, 0.01, 14)]
+    phases = forgetting_phases(synthetic_run(tmp_path / "r", retention=ret))
+    assert phases["catastrophic"] and phases["shape"] == "step" and phases["onset"] == 24
+    assert phases["gradual_slope"] == pytest.approx(-0.001, abs=5e-4) and phases["catastrophic_slope"] < -0.05
+    flat = np.r_[1 - 0.001 * np.arange(24), 0.95 + rng.normal(0, 0.01, 16)]  # a small step is no collapse
+    assert not forgetting_phases(synthetic_run(tmp_path / "f", retention=flat))["catastrophic"]
