@@ -241,34 +241,49 @@ class LongStudy:
         Its checkpoints re-test every edit (no retention sample), so the end scores of all batch sizes cover
         the same edits. Batch size 1 of an editor with a sequential run is forked from that run; with
         ``wait_for_forks`` (the sequential part runs elsewhere) a fork whose source is still short is left for
-        a later call instead of being edited from scratch."""
+        a later call instead of being edited from scratch. Each run is locked while it is made: a run another
+        process holds is skipped, so several processes can share the batch study."""
         plan = self.plan
         n = min(plan.batch_edits, len(self.records))
         runs = {}
+        (self.out / "batch").mkdir(parents=True, exist_ok=True)
         for name, editor, b in plan.batch_runs():
             path = self.out / "batch" / name
-            if self._fork_sequential(path, editor, b, n) is False and wait_for_forks:
-                continue
-            every = b if b > 1 else plan.eval_every  # scored after each batch (size 1: as the sequential runs)
-            s = self._open(path, editor, n, b, every, 0)
-            s.env.target_cache = self.targets
-            before = s.n_edits
-            bar = progress_bar(total=n, initial=before, desc=name, unit="edit", disable=not self.progress)
-            while True:  # one checkpoint interval at a time, logged as it goes
-                stop = interval_end(s.n_edits, every, n)
-                # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
-                done = s.n_edits
-                s.run(self.records[s.n_edits:stop], batch_size=b, progress=False)
-                bar.update(s.n_edits - done)
-                self._record(f"batch/{name}", path, before)
-                if s.n_edits >= n:
-                    break
-                if s.n_edits == done:
-                    raise CollapseDiagError(f"batch run {name} made no edit at edit {done} of {n}")
-            bar.close()
-            runs[name] = load_run(path)
-            del s
+            with ExitStack() as held:
+                try:  # another process on this run: leave it to that one
+                    held.enter_context(FileLock(str(self.out / "batch" / f"{name}.lock")).acquire(timeout=0))
+                except Timeout:
+                    continue
+                run = self._batch_run(path, name, editor, b, n, wait_for_forks)
+            if run is not None:
+                runs[name] = run
         return runs
+
+    def _batch_run(self, path: pathlib.Path, name: str, editor: str, b: int, n: int,
+                   wait_for_forks: bool) -> Run | None:
+        """One run of the batch study made or finished; None when it is a fork left for later."""
+        plan = self.plan
+        if self._fork_sequential(path, editor, b, n) is False and wait_for_forks:
+            return None
+        every = b if b > 1 else plan.eval_every  # scored after each batch (size 1: as the sequential runs)
+        s = self._open(path, editor, n, b, every, 0)
+        s.env.target_cache = self.targets
+        before = s.n_edits
+        bar = progress_bar(total=n, initial=before, desc=name, unit="edit", disable=not self.progress)
+        while True:  # one checkpoint interval at a time, logged as it goes
+            stop = interval_end(s.n_edits, every, n)
+            # also when no edit is left (a fork, or a run cut before it): run() ends with the end-of-run checkpoint
+            done = s.n_edits
+            s.run(self.records[s.n_edits:stop], batch_size=b, progress=False)
+            bar.update(s.n_edits - done)
+            self._record(f"batch/{name}", path, before)
+            if s.n_edits >= n:
+                break
+            if s.n_edits == done:
+                raise CollapseDiagError(f"batch run {name} made no edit at edit {done} of {n}")
+        bar.close()
+        del s
+        return load_run(path)
 
 
 def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike,
@@ -277,8 +292,10 @@ def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]],
     """Run (or resume) the long study; returns ``{"seq": {editor: Run}, "batch": {name: Run}}``.
 
     ``parts`` picks the sequential runs ("seq"), the batch study ("batch") or both, in that order; two processes
-    may run one part each at once (with one thread each on a small machine). Run alone, the batch part waits
-    for the sequential runs it forks from: those batch runs are made by a later call."""
+    may run one part each at once (with one thread each on a small machine). The sequential part runs in one
+    process at a time; the batch part in any number, each run of it in one (a process skips the runs another
+    holds, and returns the runs it made or found done). Run alone, the batch part waits for the sequential runs
+    it forks from: those batch runs are made by a later call."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise CollapseDiagError(f"unknown study part(s) {sorted(unknown)}: choose from {list(PARTS)}")
@@ -288,8 +305,8 @@ def run_long_study(model: nn.Module, tok: object, records: list[dict[str, Any]],
     study = LongStudy(model, tok, records, out, plan, **kw)
     result: dict[str, dict[str, Run]] = {"seq": {}, "batch": {}}
     with ExitStack() as locks:
-        for part in parts:  # all locks first: a refused part starts nothing and logs no sitting
-            locks.enter_context(study.lock(part))
+        if "seq" in parts:  # first: a refused start makes nothing and logs no sitting
+            locks.enter_context(study.lock("seq"))
         study.start_sitting(parts)
         try:
             for part in parts:

@@ -189,6 +189,20 @@ def test_a_part_of_the_study_runs_in_one_process_at_a_time(tok, tmp_path):
     assert _study(tok, tmp_path, plan)["seq"]["rome"].edits["edit_index"].tolist() == [0, 1]  # released after
 
 
+def test_processes_share_the_batch_study_run_by_run(tok, tmp_path):
+    from filelock import FileLock
+
+    plan = LongStudyPlan(n_edits=2, editors=(), eval_every=2, batch_editors=("memit",), batch_sizes=(1, 2),
+                         batch_edits=2, eval_passages=2, generation_prompts=1, hparams=HP)
+    (tmp_path / "study" / "batch").mkdir(parents=True)
+    with FileLock(str(tmp_path / "study" / "batch" / "memit-b1.lock")):  # another process is on memit-b1
+        result = _study(tok, tmp_path, plan, parts=("batch",))
+    assert list(result["batch"]) == ["memit-b2"] and not (tmp_path / "study" / "batch" / "memit-b1").exists()
+    result = _study(tok, tmp_path, plan, parts=("batch",))  # released: this process makes it
+    assert list(result["batch"]) == ["memit-b1", "memit-b2"]
+    assert result["batch"]["memit-b1"].edits["edit_index"].tolist() == [0, 1]
+
+
 def _count_up(out, key, times):
     from collapsediag.longstudy import update_status
 
