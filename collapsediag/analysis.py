@@ -185,9 +185,12 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
 def departure(x: np.ndarray, y: np.ndarray, margin: float, min_size: int = 3) -> int | None:
     """Index of the first point from which every later point lies more than ``margin`` below the straight line
     fitted to the points before it (at least ``min_size`` of them): where y leaves its earlier trend for good.
-    None when it never does."""
+    At least two points must lie below (one low last point is no departure). None when it never does; x
+    sorted, y finite."""
+    if min_size < 2:
+        raise CollapseDiagError(f"departure needs min_size >= 2 points to fit a trend, got {min_size}")
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    for j in range(min_size, len(x)):
+    for j in range(min_size, len(x) - 1):
         if np.ptp(x[:j]) == 0:
             continue
         line = np.polyval(np.polyfit(x[:j], y[:j], 1), x[j:])
@@ -206,7 +209,9 @@ def forgetting_phases(run: Run, min_size: int = 3, steepening: float = 3.0, min_
     (``shape`` "steeper"). A collapse that levels off (a step down, then a plateau) fits a flat second
     segment, so a second rule looks for it: the first checkpoint from which retention stays more than
     ``min_drop``/2 below the line through the checkpoints before it, and ends ``min_drop`` below both that
-    line and the checkpoint before (``shape`` "step"). Slopes are per edit.
+    line and the checkpoint before (``shape`` "step"; ``steepening`` plays no part, ``catastrophic_slope`` is
+    the fall from the checkpoint before the onset to the lowest one after it). Slopes are per edit;
+    ``fit_gain`` is the two-segment fit's.
     """
     ev = run.evals.dropna(subset=["retention"]).sort_values("edit_index")
     x, ret = ev["edit_index"].to_numpy(float), ev["retention"].to_numpy(float)
@@ -225,7 +230,8 @@ def forgetting_phases(run: Run, min_size: int = 3, steepening: float = 3.0, min_
         if trend - ret[-1] >= min_drop and ret[j - 1] - ret[-1] >= min_drop:
             low = j + int(np.argmin(ret[j:]))
             k, catastrophic, shape = j, True, "step"
-            before, after = _slope(x[:j], ret[:j]), float((ret[low] - ret[j - 1]) / (x[low] - x[j - 1]))
+            span = x[low] - x[j - 1]
+            before, after = _slope(x[:j], ret[:j]), float((ret[low] - ret[j - 1]) / span) if span > 0 else np.nan
     ppl = run.evals.dropna(subset=["perplexity"]).sort_values("edit_index")
     p_onset = None
     if len(ppl) >= 2 * min_size:

@@ -555,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batch sizes of the batch study")
     st.add_argument("--batch-edits", type=positive_int, default=256, help="edits of each batch-study run")
     st.add_argument("--part", choices=["all", "seq", "batch"], default="all",
-                    help="run only the sequential runs or only the batch study; two processes may run one part "
-                         "each at once (give each OMP_NUM_THREADS=1 on a small machine); the batch part alone "
+                    help="run only the sequential runs or only the batch study; processes may run parts at once "
+                         "(give each OMP_NUM_THREADS=1 on a small machine): the sequential part in one, the batch "
+                         "part in several, which share its runs; the batch part alone "
                          "leaves the runs it forks from a sequential run for a later call")
     st.add_argument("--seed", type=int, default=0, help="seed of the context templates, v* and generations")
     _stats_options(st)

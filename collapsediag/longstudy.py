@@ -5,8 +5,9 @@ Layout under ``out``:
   batch/<editor>-b<B>/     MEMIT and EMMET over the same first ``batch_edits`` records at batch size B
   study.json               the plan, the records' source and, per run, its wall time and edits per hour
 
-The two parts (sequential runs, batch study) may run in two processes at once (``parts``): each part holds a lock
-of its own (``study.<part>.lock``) and study.json is updated under a shared one.
+The two parts (sequential runs, batch study) may run in separate processes at once (``parts``): the sequential
+part in one at a time (``study.seq.lock``), the batch part in any number, each batch run locked while one process
+makes it (``batch/<name>.lock``); study.json is updated under a shared lock.
 
 Every run edits the same records in the same order. The sequential runs advance together, one checkpoint
 interval at a time (round-robin), so whenever the study stops every editor has reached about the same edit;

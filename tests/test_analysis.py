@@ -10,6 +10,7 @@ import pytest
 from collapsediag import load_run
 from collapsediag.analysis import (change_point, confirm_disabling_edits, flag_disabling_edits, flag_scores,
                                    departure, forgetting_phases, robust_z)
+from collapsediag.errors import CollapseDiagError
 from collapsediag.store import RunWriter
 
 NORM_OUT, DEN_OUT, PPL_JUMP, ENT_DROP = {7, 19, 33}, {12, 27}, 25, 31
@@ -198,6 +199,11 @@ def test_departure_finds_where_a_series_leaves_its_trend_for_good():
     blip = 1 - 0.01 * x
     blip[5] = 0.5  # one low checkpoint that recovers is no departure
     assert departure(x, blip, margin=0.1) is None
+    last = 1 - 0.01 * x
+    last[-1] = 0.5  # nor is one low last point
+    assert departure(x, last, margin=0.1) is None
+    with pytest.raises(CollapseDiagError, match="min_size"):
+        departure(x, y, margin=0.1, min_size=1)
 
 
 def test_a_collapse_that_levels_off_is_catastrophic_at_its_step(tmp_path):
