@@ -226,12 +226,12 @@ def forgetting_phases(run: Run, min_size: int = 3, steepening: float = 3.0, min_
     shape = "steeper" if catastrophic else None
     j = None if catastrophic else departure(x, ret, min_drop / 2, min_size)
     if j is not None:
-        trend = float(np.polyval(np.polyfit(x[:j], ret[:j], 1), x[-1]))
-        if trend - ret[-1] >= min_drop and ret[j - 1] - ret[-1] >= min_drop:
+        gradual = np.polyfit(x[:j], ret[:j], 1)  # the trend departure() left
+        if np.polyval(gradual, x[-1]) - ret[-1] >= min_drop and ret[j - 1] - ret[-1] >= min_drop:
             low = j + int(np.argmin(ret[j:]))
             k, catastrophic, shape = j, True, "step"
             span = x[low] - x[j - 1]
-            before, after = _slope(x[:j], ret[:j]), float((ret[low] - ret[j - 1]) / span) if span > 0 else np.nan
+            before, after = float(gradual[0]), float((ret[low] - ret[j - 1]) / span) if span > 0 else np.nan
     ppl = run.evals.dropna(subset=["perplexity"]).sort_values("edit_index")
     p_onset = None
     if len(ppl) >= 2 * min_size:
