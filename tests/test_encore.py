@@ -10,7 +10,8 @@ from collapsediag import EditSession, load_run
 from collapsediag.arch import get_module, weight_matrix
 from collapsediag.editors import get_editor
 from collapsediag.editors.encore import encore_solve
-from collapsediag.editors.target import (TargetSettings, _prefixed_all_top, mpes_count, optimise_target,
+from collapsediag.editors.prompts import stack_batches
+from collapsediag.editors.target import (TargetSettings, all_top_per_request, mpes_count, optimise_target,
                                           target_batch)
 from collapsediag.errors import HParamError
 from collapsediag.requests import EditRequest
@@ -86,18 +87,23 @@ def test_mpes_stops_early_and_records_the_step(tiny, env_for, tmp_path):
     assert early.loss > plain.loss
 
 
-def test_prefixed_all_top_ignores_the_bare_prompt(tok):
-    bt = target_batch(tok, EditRequest(case_id=0, subject="Tokyo", prompt="The city of {}", target_new="city",
-                                       target_true="music"), ["{}", "A. {}", "B. {}"])
-    assert bt.prefixed.tolist() == [False, True, True]
-    logp = torch.full((bt.n_tok, len(tok)), -10.0)
-    logp[torch.arange(bt.n_tok), bt.target_tokens] = 0.0  # every target token on top ...
-    assert _prefixed_all_top(logp, bt)
-    logp[bt.row_of_token == 0] = 0.0  # ... the bare prompt's tied (not argmax-clean) does not count
-    logp[bt.row_of_token == 0, bt.target_tokens[0] + 1] = 1.0
-    assert _prefixed_all_top(logp, bt)
-    logp[bt.row_of_token == 2, bt.target_tokens[0] + 1] = 1.0  # a prefixed prompt misses
-    assert not _prefixed_all_top(logp, bt)
+def test_all_top_per_request_ignores_the_bare_prompt(tok):
+    req = EditRequest(case_id=0, subject="Tokyo", prompt="The city of {}", target_new="city", target_true="music")
+    other = EditRequest(case_id=1, subject="Paris", prompt="{} is in", target_new="city", target_true="music")
+    templates = ["{}", "A. {}", "B. {}"]
+    sb = stack_batches(tok, [target_batch(tok, req, templates), target_batch(tok, other, templates)])
+    assert sb.prefixed[sb.request == 0].tolist().count(True) == 2  # two prefixed prompts, the bare one and KL not
+    tok_pos = (sb.token >= 0).nonzero().squeeze(1)
+    rows, token = sb.rows[tok_pos], sb.token[tok_pos]
+    logp = torch.full((len(tok_pos), len(tok)), -10.0)
+    logp[torch.arange(len(tok_pos)), token] = 0.0  # every target token on top ...
+    assert all_top_per_request(logp, sb, tok_pos).tolist() == [True, True]
+    bare = (sb.request[rows] == 0) & ~sb.prefixed[rows]
+    logp[bare, token[0] + 1] = 1.0  # ... the bare prompt missing does not count
+    assert all_top_per_request(logp, sb, tok_pos).tolist() == [True, True]
+    pre = ((sb.request[rows] == 1) & sb.prefixed[rows]).nonzero()[0]
+    logp[pre, token[pre] + 1] = 1.0  # a prefixed prompt of request 1 misses: only request 1 fails
+    assert all_top_per_request(logp, sb, tok_pos).tolist() == [True, False]
 
 
 def test_mpes_setting_accepts_encore_sign():

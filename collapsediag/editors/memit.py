@@ -21,7 +21,7 @@ from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, EditorBase, HParams, apply_deltas
 from .keys import keys_at_subject, outputs_at_subject
-from .target import TargetSettings, mpes_count, target_for, target_signals
+from .target import TargetSettings, mpes_count, target_signals, targets_for
 
 
 @dataclass
@@ -35,6 +35,7 @@ class BatchHParams(HParams):
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     mpes: int = 0  # most-probable early stopping after |mpes| all-argmax steps (ENCORE: -k); 0 = off
+    batch_target: bool = True  # optimise the batch's targets together (False: one request at a time)
 
     def target_settings(self) -> TargetSettings:
         """The shared target-optimisation settings."""
@@ -153,7 +154,7 @@ class Memit(EditorBase):
         layers = self.layers()
         block = env.arch.block_name(layers[-1])
         settings = self.hparams.target_settings()
-        targets = [target_for(model, tok, r, env, block, settings) for r in requests]
+        targets = targets_for(model, tok, requests, env, block, settings, batched=self.hparams.batch_target)
         z = torch.stack([t.target for t in targets]).double()  # [n, d]
         h_once = outputs_at_subject(model, tok, block, requests).double() if self.residual_once else None
         w_dtype = next(model.parameters()).dtype

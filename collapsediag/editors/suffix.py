@@ -21,7 +21,7 @@ from ..hooks import SkipBlocks, Trace
 
 if TYPE_CHECKING:
     from ..arch import ArchSpec
-    from .target import TargetBatch
+    from .prompts import StackedBatch, TargetBatch
 
 CHECK_TOLERANCE = 1e-3  # largest |Δlogit| / max |logit| accepted between the two forwards
 GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' SDPA attention at every call
@@ -30,13 +30,27 @@ GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' SDPA attenti
 class PlainForward:
     """Logits at ``(rows, cols)`` of the whole model with δ added to ``module``'s output at ``(r, subj[r])``."""
 
-    def __init__(self, model: nn.Module, module: str, batch: "TargetBatch") -> None:
+    def __init__(self, model: nn.Module, module: str, batch: "TargetBatch | StackedBatch") -> None:
         self.model, self.module, self.ids, self.mask = model, module, batch.ids, batch.mask
         self.subj, self.rows, self.cols = batch.subj, batch.rows, batch.cols
         self.all_rows = torch.arange(len(self.ids), device=self.ids.device)
         with torch.no_grad(), Trace(model, module, retain_output=True, stop=True) as tr:
             model(input_ids=self.ids, attention_mask=self.mask)
-        self.init = tr.output[0, self.subj[0]].detach().clone()
+        self.inits = tr.output[self.all_rows.to(tr.output.device), self.subj.to(tr.output.device)].detach().clone()
+        self.init = self.inits[0]
+
+    def take(self, idx: torch.Tensor) -> "PlainForward":
+        """The same forward over the rows ``idx`` only (their logit positions kept in order)."""
+        from .prompts import kept_positions
+
+        part = object.__new__(PlainForward)
+        keep, rows = kept_positions(self.rows, idx, len(self.ids))
+        part.model, part.module, part.ids, part.mask = self.model, self.module, self.ids[idx], self.mask[idx]
+        part.subj, part.rows, part.cols = self.subj[idx], rows, self.cols[keep]
+        part.all_rows = torch.arange(len(idx), device=self.ids.device)
+        part.inits = self.inits[idx.to(self.inits.device)]
+        part.init = part.inits[0]
+        return part
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
         """Logits with ``delta`` added."""
@@ -79,7 +93,8 @@ class SuffixForward:
     Raises ``ValueError`` when the model's cache or block outputs cannot be used this way.
     """
 
-    def __init__(self, model: nn.Module, arch: "ArchSpec", layer: int, module: str, batch: "TargetBatch") -> None:
+    def __init__(self, model: nn.Module, arch: "ArchSpec", layer: int, module: str,
+                 batch: "TargetBatch | StackedBatch") -> None:
         from transformers import DynamicCache
 
         ids, mask, subj, rows, cols = batch.ids, batch.mask, batch.subj, batch.rows, batch.cols
@@ -100,7 +115,8 @@ class SuffixForward:
                 Trace(model, arch.block_name(layer), retain_output=True) as out:
             hidden = model.base_model(input_ids=ids, attention_mask=mask,
                                       **cache_kwargs(model.base_model, cache)).last_hidden_state
-        self.init = tr.output[0, subj[0]].detach().clone()
+        self.inits = tr.output[torch.arange(b, device=tr.output.device), subj.to(tr.output.device)].detach().clone()
+        self.init = self.inits[0]
         self.like = out.raw_output
         self.block_out = out.output.gather(1, pos[:, :, None].expand(-1, -1, out.output.shape[-1])).clone()
         self.kv = [(k.detach(), v.detach()) for k, v in _kv_pairs(cache)]
@@ -108,8 +124,25 @@ class SuffixForward:
             raise ValueError("the model's cache does not hold every layer's keys and values")
         self.expected = model.get_output_embeddings()(hidden[rows, cols])
 
+    def take(self, idx: torch.Tensor) -> "SuffixForward":
+        """The same forward over the rows ``idx`` only (their logit positions kept in order)."""
+        from .prompts import kept_positions
+
+        part = object.__new__(SuffixForward)
+        keep, rows = kept_positions(self.rows, idx, len(self.new_ids))
+        part.model, part.arch, part.layer, part.like, part.new_len = self.model, self.arch, self.layer, self.like, \
+            self.new_len
+        part.new_mask, part.new_ids, part.positions = self.new_mask[idx], self.new_ids[idx], self.positions[idx]
+        part.rows, part.cols, part.expected = rows, self.cols[keep], self.expected[keep.to(self.expected.device)]
+        part.block_out = self.block_out[idx.to(self.block_out.device)]
+        part.kv = [(k[idx.to(k.device)], v[idx.to(v.device)]) for k, v in self.kv]
+        part.inits = self.inits[idx.to(self.inits.device)]
+        part.init = part.inits[0]
+        return part
+
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
-        """Logits with ``delta`` added at the subject (position 0 of every suffix)."""
+        """Logits with ``delta`` added at the subject (position 0 of every suffix): one vector for every row, or
+        one per row ([rows, d])."""
         from transformers import DynamicCache
 
         def block_out() -> torch.Tensor:

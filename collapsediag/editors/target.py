@@ -19,15 +19,15 @@ from torch import nn
 from ..arch import get_module, n_layers, weight_matrix
 from ..errors import EditError, HParamError
 from ..requests import EditRequest
-from ..tokens import continuation, encode, pad_batch, subject_span, target_ids
-from .keys import subject_prompts
+from .prompts import KL_PROMPT, StackedBatch, TargetBatch, kept_positions, stack_batches, target_batch
 from .suffix import target_forward
 
 if TYPE_CHECKING:
     from ..arch import ArchSpec
     from .base import EditEnv
+    from .suffix import PlainForward, SuffixForward
 
-KL_PROMPT = "{} is a"
+__all__ = ["KL_PROMPT", "TargetBatch", "target_batch", "optimise_target", "optimise_targets"]
 EARLY_STOP = 5e-2
 # Prompts per forward+backward. Each pass reads every weight after the edited layer, so passes cost time
 # (SmolLM2, 22 prompts: 0.42 s a step in one pass, 0.76 s in three); more rows than this are split to bound memory.
@@ -71,160 +71,166 @@ class TargetResult:
         return self.init + self.delta
 
 
-@dataclass
-class TargetBatch:
-    """The padded prompts of one target optimisation and where its loss reads the logits.
+def all_top_per_request(tok_logp: torch.Tensor, part: StackedBatch, tok_pos: torch.Tensor) -> torch.Tensor:
+    """Per request of ``part``: every target token of its prefixed prompts is the argmax (MPES's test).
 
-    Rows 0..n_prompts−1 are the prefixed prompts followed by target_new[:-1]; the last row is the KL prompt.
-    """
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    subj: torch.Tensor  # the subject's last token in each row
-    rows: torch.Tensor  # logit positions: every target token of every prompt, then the KL rows' subjects
-    cols: torch.Tensor
-    target_tokens: torch.Tensor
-    row_of_token: torch.Tensor
-    n_prompts: int
-    target_len: int
-    prefixed: torch.Tensor | None = None  # per prompt row: its context template has a prefix (not the bare "{}")
-
-    @property
-    def n_tok(self) -> int:
-        """Number of target-token positions (the first ``n_tok`` of rows/cols)."""
-        return len(self.target_tokens)
-
-    def split(self, size: int) -> list["TargetBatch"]:
-        """Consecutive parts of at most ``size`` rows, each a batch of its own (its rows renumbered from 0)."""
-        n_rows = len(self.ids)
-        if size >= n_rows:
-            return [self]
-        kl_pos = torch.arange(self.n_tok, len(self.rows), device=self.rows.device)
-        parts = []
-        for a in range(0, n_rows, size):
-            b = min(a + size, n_rows)
-            tok_pos = ((self.row_of_token >= a) & (self.row_of_token < b)).nonzero().squeeze(1)
-            kl = kl_pos[(self.rows[kl_pos] >= a) & (self.rows[kl_pos] < b)]
-            pos = torch.cat([tok_pos, kl])
-            parts.append(TargetBatch(ids=self.ids[a:b], mask=self.mask[a:b], subj=self.subj[a:b],
-                                     rows=self.rows[pos] - a, cols=self.cols[pos],
-                                     target_tokens=self.target_tokens[tok_pos],
-                                     row_of_token=self.row_of_token[tok_pos] - a,
-                                     n_prompts=max(0, min(b, self.n_prompts) - a), target_len=self.target_len,
-                                     prefixed=None if self.prefixed is None else self.prefixed[a:min(b, self.n_prompts)]))
-        return parts
-
-
-def target_batch(tok: object, req: EditRequest, templates: list[str], device: torch.device | str = "cpu"
-                 ) -> TargetBatch:
-    """Tokenise ``req`` under every template plus the KL prompt (errors name the record)."""
-    tgt = target_ids(tok, req.target_new)
-    if not tgt:
-        raise EditError(req.case_id, f"target_new {req.target_new!r} tokenises to nothing")
-    seqs, subj = [], []
-    nll_rows, nll_cols, nll_tok = [], [], []
-    for r, p in enumerate(subject_prompts(req, templates)):
-        seq, cols = continuation(encode(tok, p.format(req.subject)), tgt)
-        seqs.append(seq)
-        subj.append(subject_span(tok, p, req.subject, req.case_id).last)
-        nll_rows += [r] * len(tgt)
-        nll_cols += cols
-        nll_tok += tgt
-    n_rw = len(seqs)
-    seqs.append(encode(tok, KL_PROMPT.format(req.subject)))
-    subj.append(subject_span(tok, KL_PROMPT, req.subject, req.case_id).last)
-    ids, mask = pad_batch(tok, seqs, device)
-    all_rows = torch.arange(len(seqs), device=device)
-    subj_t = torch.tensor(subj, device=device)
-    return TargetBatch(ids=ids, mask=mask, subj=subj_t,
-                       rows=torch.cat([torch.tensor(nll_rows, device=device), all_rows[n_rw:]]),
-                       cols=torch.cat([torch.tensor(nll_cols, device=device), subj_t[n_rw:]]),
-                       target_tokens=torch.tensor(nll_tok, device=device),
-                       row_of_token=torch.tensor(nll_rows, device=device), n_prompts=n_rw, target_len=len(tgt),
-                       prefixed=torch.tensor([t.strip() != "{}" for t in templates], device=device))
-
-
-def _prefixed_all_top(tok_logp: torch.Tensor, part: TargetBatch) -> bool:
-    """Whether, in the prefixed prompts of ``part``, every target token is the argmax at its position."""
+    ``tok_logp``: log-probabilities at the target-token positions ``tok_pos`` of ``part``."""
     dev = tok_logp.device
-    wrong = (tok_logp.argmax(dim=-1) != part.target_tokens.to(dev)).float()
-    per_prompt = torch.zeros(part.n_prompts, device=dev).index_add(0, part.row_of_token.to(dev), wrong)
-    keep = part.prefixed.to(dev) if part.prefixed is not None else torch.ones_like(per_prompt, dtype=torch.bool)
-    return bool((per_prompt[keep] == 0).all())
+    rows = part.rows[tok_pos]
+    wrong = (tok_logp.argmax(dim=-1) != part.token[tok_pos].to(dev)) & part.prefixed[rows].to(dev)
+    per_request = torch.zeros(part.n_requests, device=dev).index_add(0, part.request[rows].to(dev), wrong.float())
+    return per_request == 0
+
+
+class _Pass:
+    """One pass of rows: its forward, and the same restricted to the rows of requests still optimising."""
+
+    def __init__(self, fwd: "PlainForward | SuffixForward", batch: StackedBatch) -> None:
+        self.fwd, self.batch = fwd, batch
+        self.kl_init: torch.Tensor | None = None  # log-probabilities at the KL positions with δ = 0
+        self._active: tuple | None = None
+
+    def restricted(self, active: torch.Tensor) -> tuple | None:
+        """(forward, batch, KL reference) over the rows of the ``active`` requests; None when there are none."""
+        keep = active[self.batch.request]
+        if not bool(keep.any()):
+            return None
+        if bool(keep.all()):
+            return self.fwd, self.batch, self.kl_init
+        key = tuple(keep.tolist())
+        if self._active is None or self._active[0] != key:
+            idx = keep.nonzero().squeeze(1)
+            pos_keep, _ = kept_positions(self.batch.rows, idx, len(self.batch.ids))
+            kl_keep = pos_keep[self.batch.token < 0]
+            self._active = (key, self.fwd.take(idx), self.batch.take(idx), self.kl_init[kl_keep.to(self.kl_init.device)])
+        return self._active[1:]
+
+
+def _pass_losses(fwd: "PlainForward | SuffixForward", part: StackedBatch, delta: torch.Tensor,
+                 kl_init: torch.Tensor | None, settings: TargetSettings, need_top: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per request: this pass's share of the NLL and of the KL term, MPES's all-argmax test, and the KL
+    positions' log-probabilities (the reference at δ = 0)."""
+    lp = torch.log_softmax(fwd.logits(delta[part.request.to(delta.device)]).float(), dim=-1)
+    dev = lp.device  # the LM head's device (another GPU than the inputs' under device_map)
+    token, req = part.token.to(dev), part.request.to(dev)[part.rows.to(dev)]
+    weight = part.weight.to(dev)
+    tok_pos, kl_pos = token >= 0, token < 0
+    tok_lp = lp[tok_pos].gather(1, token[tok_pos][:, None]).squeeze(1)
+    nll = torch.zeros(part.n_requests, device=dev).index_add(0, req[tok_pos], -weight[tok_pos] * tok_lp)
+    kl_lp = lp[kl_pos]
+    ref = kl_lp.detach().clone() if kl_init is None else kl_init
+    kl_terms = F.kl_div(ref, kl_lp, log_target=True, reduction="none").sum(-1)
+    kl = settings.kl_factor * torch.zeros(part.n_requests, device=dev).index_add(0, req[kl_pos],
+                                                                                weight[kl_pos] * kl_terms)
+    top = all_top_per_request(lp[tok_pos], part, tok_pos.nonzero().squeeze(1).to(part.rows.device)) \
+        if need_top else None
+    return nll, kl, top, ref
+
+
+def optimise_targets(model: nn.Module, tok: object, reqs: list[EditRequest], templates: list[str], module: str,
+                     settings: TargetSettings, arch: "ArchSpec | None" = None, fast: bool = True
+                     ) -> list[TargetResult]:
+    """Optimise the δ of every request together: one stacked δ [B, d], each prompt row reading its own request's δ.
+
+    The loss is the sum of the requests' losses, so each δ's gradient is its own, and Adam on the stacked
+    tensor is B separate Adams. Each request keeps its own early stop (it then leaves later passes), MPES
+    count, norm clamp and step count. Rows are split into passes of at most ``ROWS_PER_PASS``. With ``arch`` and
+    ``fast``, each step recomputes only the blocks after the edited one, from the subject on
+    (``suffix.SuffixForward``); ``fast=False`` runs the whole model each step.
+    """
+    device = next(model.parameters()).device
+    stacked = stack_batches(tok, [target_batch(tok, r, templates, device) for r in reqs])
+    passes = [_Pass(target_forward(model, arch, module, part, fast=fast), part)
+              for part in stacked.passes(ROWS_PER_PASS)]
+    inits = torch.zeros(len(stacked.ids), passes[0].fwd.init.shape[-1], device=passes[0].fwd.init.device)
+    for p in passes:
+        inits[p.batch.row_ids.to(inits.device)] = p.fwd.inits.float().to(inits.device)
+    init = inits[stacked.first_row.to(inits.device)]  # [B, d]
+    init_sq = init.norm(dim=1) ** 2
+    n = len(reqs)
+    # δ and its optimiser state in float32 on the edited module's device, whatever the model's dtype
+    delta = torch.zeros(init.shape, dtype=torch.float32, device=init.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=settings.lr)
+    active = torch.ones(n, dtype=torch.bool)
+    steps = [0] * n
+    record: list[tuple[float, float, float] | None] = [None] * n
+    mpes_need, mpes_hits, mpes_step = mpes_count(settings.mpes), [0] * n, [None] * n
+    max_norm = settings.clamp_norm_factor * init.norm(dim=1)
+    deferred = len(passes) == 1  # one pass: its backward waits for the early-stop check
+    for it in range(settings.steps):
+        last = it == settings.steps - 1
+        opt.zero_grad()
+        nll_v, kl_v = torch.zeros(n), torch.zeros(n)
+        top = torch.ones(n, dtype=torch.bool)
+        held = None
+        for p in passes:
+            got = p.restricted(active.to(p.batch.request.device))
+            if got is None:
+                continue
+            fwd, part, kl_init = got
+            with torch.set_grad_enabled(not last):
+                nll, kl, part_top, ref = _pass_losses(fwd, part, delta, kl_init, settings, bool(mpes_need))
+            if p.kl_init is None:
+                p.kl_init = ref
+            if not last:
+                if deferred:
+                    held = nll + kl
+                else:
+                    (nll + kl).sum().backward()
+            nll_v += nll.detach().cpu()
+            kl_v += kl.detach().cpu()
+            if part_top is not None:
+                top &= part_top.cpu()  # a request without rows in this pass counts as all-argmax here
+        with torch.set_grad_enabled(not last):
+            wd = settings.weight_decay * delta.norm(dim=1) / init_sq
+        loss_v = nll_v + kl_v + wd.detach().cpu()
+        going = active.clone()
+        for q in active.nonzero().squeeze(1).tolist():
+            loss_q = float(loss_v[q])
+            if not math.isfinite(loss_q):
+                raise EditError(reqs[q].case_id, f"non-finite loss {loss_q} in the target optimisation")
+            stop = loss_q < EARLY_STOP or last
+            if mpes_need and bool(top[q]):
+                mpes_hits[q] += 1  # cumulative, as in ENCORE: never reset by a step that misses
+                if mpes_hits[q] >= mpes_need:
+                    mpes_step[q], stop = it, True
+            if stop:
+                going[q] = False
+                record[q] = (loss_q, float(nll_v[q]), float(kl_v[q]))
+        active = going
+        if not bool(active.any()):
+            break
+        sel = active.to(delta.device)
+        total = wd[sel].sum()
+        if held is not None:
+            total = total + held[sel.to(held.device)].sum()
+        total.backward()
+        with torch.no_grad():
+            frozen = delta[~sel].clone()
+            opt.step()
+            delta[~sel] = frozen  # a request that stopped keeps its δ
+            norms = delta.norm(dim=1)
+            over = sel & (norms > max_norm)
+            delta[over] *= (max_norm[over] / norms[over])[:, None]
+        for q in active.nonzero().squeeze(1).tolist():
+            steps[q] += 1
+    results = []
+    for q, req in enumerate(reqs):
+        loss_q, nll_q, kl_q = record[q]
+        res = TargetResult(init=init[q].detach().clone(), delta=delta[q].detach().clone(), steps=steps[q],
+                           loss=loss_q, nll=nll_q, kl=kl_q, mpes_step=mpes_step[q])
+        if not torch.isfinite(res.target).all():
+            raise EditError(req.case_id, "non-finite target vector v*")
+        results.append(res)
+    return results
 
 
 def optimise_target(model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
                     settings: TargetSettings, arch: "ArchSpec | None" = None, fast: bool = True) -> TargetResult:
-    """Optimise δ added to ``module``'s output at the subject's last token of every prompt.
-
-    With ``arch`` and ``fast``, each step recomputes only the blocks after the edited one at the positions
-    from the subject on (``suffix.SuffixForward``); ``fast=False`` runs the whole model each step.
-    """
-    device = next(model.parameters()).device
-    bt = target_batch(tok, req, templates, device)
-    parts = bt.split(ROWS_PER_PASS)
-    fwds = [target_forward(model, arch, module, part, fast=fast) for part in parts]
-    init = fwds[0].init
-    n_kl = len(bt.rows) - bt.n_tok
-    # δ and its optimiser state in float32 on the edited module's device, whatever the model's dtype
-    delta = torch.zeros(init.shape, dtype=torch.float32, device=init.device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=settings.lr)
-    kl_init: list[torch.Tensor | None] = [None] * len(parts)
-    steps_done = 0
-    loss_v = nll_v = kl_v = float("nan")
-    mpes_need, mpes_hits, mpes_step = mpes_count(settings.mpes), 0, None
-    for it in range(settings.steps):
-        last = it == settings.steps - 1
-        opt.zero_grad()
-        nll_v = kl_v = 0.0
-        all_top = True  # every target token of every prefixed prompt is the argmax (MPES)
-        deferred: list[torch.Tensor] = []  # one part: its backward waits for the early-stop check
-        # The loss is a sum over prompts: each part's share is back-propagated on its own (less memory).
-        for i, (part, fwd) in enumerate(zip(parts, fwds)):
-            with torch.set_grad_enabled(not last):
-                lp = torch.log_softmax(fwd.logits(delta).float(), dim=-1)
-                out_dev = lp.device  # the LM head's device (another GPU than the inputs' under device_map)
-                tok_lp = lp[:part.n_tok].gather(1, part.target_tokens.to(out_dev)[:, None]).squeeze(1)
-                if mpes_need:
-                    all_top = all_top and _prefixed_all_top(lp[:part.n_tok], part)
-                per_prompt = torch.zeros(part.n_prompts, device=out_dev).index_add(0, part.row_of_token.to(out_dev),
-                                                                                  tok_lp)
-                nll = -(per_prompt / bt.target_len).sum() / bt.n_prompts
-                kl_lp = lp[part.n_tok:]
-                if kl_init[i] is None:
-                    kl_init[i] = kl_lp.detach().clone()
-                kl = settings.kl_factor * F.kl_div(kl_init[i], kl_lp, log_target=True, reduction="sum") / n_kl
-                if not last:
-                    if len(parts) == 1:
-                        deferred.append(nll + kl)
-                    else:
-                        (nll + kl).backward()
-            nll_v += nll.item()
-            kl_v += kl.item()
-        with torch.set_grad_enabled(not last):
-            wd = settings.weight_decay * delta.norm() / init.float().norm() ** 2
-        loss_v = nll_v + kl_v + wd.item()
-        if not math.isfinite(loss_v):
-            raise EditError(req.case_id, f"non-finite loss {loss_v} in the target optimisation")
-        if mpes_need and all_top:
-            mpes_hits += 1  # cumulative, as in ENCORE: never reset by a step that misses
-            if mpes_hits >= mpes_need:
-                mpes_step = it
-                break
-        if loss_v < EARLY_STOP or last:
-            break
-        sum(deferred, wd).backward()
-        opt.step()
-        steps_done += 1
-        with torch.no_grad():
-            max_norm = settings.clamp_norm_factor * init.float().norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    result = TargetResult(init=init.float(), delta=delta.detach(), steps=steps_done,
-                          loss=loss_v, nll=nll_v, kl=kl_v, mpes_step=mpes_step)
-    if not torch.isfinite(result.target).all():
-        raise EditError(req.case_id, "non-finite target vector v*")
-    return result
+    """Optimise δ added to ``module``'s output at the subject's last token of every prompt of one request
+    (``optimise_targets`` with one request)."""
+    return optimise_targets(model, tok, [req], templates, module, settings, arch, fast)[0]
 
 
 def target_signals(targets: list[TargetResult]) -> dict[str, float]:
@@ -268,22 +274,46 @@ class TargetCache:
             digest.update(w.cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bit for bit
         return digest.hexdigest()
 
+    def key(self, model: nn.Module, req: EditRequest, templates: list[str], module: str,
+            settings: TargetSettings, arch: "ArchSpec", state: str | None = None) -> tuple:
+        """The cache key of one request's target in the model's current state."""
+        return (str(req.case_id), req.subject, req.prompt, req.target_new, module, repr(settings), tuple(templates),
+                state or self.state(model, arch))
+
     def get(self, model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
             settings: TargetSettings, arch: "ArchSpec") -> TargetResult:
         """The cached target, or ``optimise_target``'s result stored for next time."""
-        key = (str(req.case_id), req.subject, req.prompt, req.target_new, module, repr(settings), tuple(templates),
-               self.state(model, arch))
-        if key in self._store:
-            self.hits += 1
-        else:
-            self.misses += 1
-            self._store[key] = optimise_target(model, tok, req, templates, module, settings, arch)
-        return self._store[key]
+        return self.get_many(model, tok, [req], templates, module, settings, arch)[0]
+
+    def get_many(self, model: nn.Module, tok: object, reqs: list[EditRequest], templates: list[str], module: str,
+                 settings: TargetSettings, arch: "ArchSpec", batched: bool = True) -> list[TargetResult]:
+        """The targets of ``reqs``: cached ones reused, the others optimised (together when ``batched``)."""
+        state = self.state(model, arch)
+        keys = [self.key(model, r, templates, module, settings, arch, state) for r in reqs]
+        missing = [(k, r) for k, r in zip(keys, reqs) if k not in self._store]
+        self.hits += len(reqs) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            todo = [r for _, r in missing]
+            got = optimise_targets(model, tok, todo, templates, module, settings, arch) if batched else \
+                [optimise_target(model, tok, r, templates, module, settings, arch) for r in todo]
+            self._store.update({k: t for (k, _), t in zip(missing, got)})
+        return [self._store[k] for k in keys]
 
 
 def target_for(model: nn.Module, tok: object, req: EditRequest, env: "EditEnv", module: str,
                settings: TargetSettings) -> TargetResult:
-    """``optimise_target`` through ``env.target_cache`` when the environment has one."""
-    if env.target_cache is None:
-        return optimise_target(model, tok, req, env.templates, module, settings, env.arch)
-    return env.target_cache.get(model, tok, req, env.templates, module, settings, env.arch)
+    """One request's target through ``env.target_cache`` when the environment has one (``targets_for``)."""
+    return targets_for(model, tok, [req], env, module, settings)[0]
+
+
+def targets_for(model: nn.Module, tok: object, reqs: list[EditRequest], env: "EditEnv", module: str,
+                settings: TargetSettings, batched: bool = True) -> list[TargetResult]:
+    """The targets of a batch of requests, through ``env.target_cache`` when the environment has one: optimised
+    together (``optimise_targets``) or, with ``batched=False``, one request at a time."""
+    if env.target_cache is not None:
+        return env.target_cache.get_many(model, tok, reqs, env.templates, module, settings, env.arch, batched)
+    if batched:
+        return optimise_targets(model, tok, reqs, env.templates, module, settings, env.arch)
+    return [optimise_target(model, tok, r, env.templates, module, settings, env.arch) for r in reqs]
+
