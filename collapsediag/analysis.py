@@ -27,7 +27,13 @@ UPDATE_RATIO = 2.0  # ‖ΔW‖_F / ‖W‖_F
 DENOMINATOR_SHARE = 0.01  # of the run's median denominator
 COLLAPSE_RATIO = 2.0  # an edit disables the model when held-out perplexity at least doubles with it
 
-FLAG_COLUMNS = ["edit_index", "case_id", "layer", "signal", "value", "threshold", "first_edit"]
+FLAG_COLUMNS = ["edit_index", "case_id", "layer", "signal", "value", "compared", "threshold", "first_edit"]
+# What each signal holds against its threshold (``compared``); ``value`` is the signal's own measure.
+FLAG_COMPARED = {"update_size": "‖ΔW‖_F / ‖W‖_F (= value)", "key_mismatch": "k_uᵀu / k̄ᵀu (= value)",
+                 "update_norm": "robust z of log ‖ΔW‖_F in the run and layer (value: ‖ΔW‖_F)",
+                 "denominator": "the denominator (= value; threshold: a share of the run's median)",
+                 "perplexity_jump": "perplexity over the previous checkpoint's (= value)",
+                 "entropy_drop": "bits lost since the previous checkpoint (= value)"}
 
 
 def robust_z(values: pd.Series | np.ndarray) -> np.ndarray:
@@ -61,7 +67,9 @@ def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float
       ``entropy_drop``: generation entropy fell by more than ``entropy_drop`` bits (0.75) since the last
       checkpoint.
     Model-level signals name the checkpoint's last edit; ``first_edit`` is the first edit since the
-    previous checkpoint (the edits between the two are the suspects).
+    previous checkpoint (the edits between the two are the suspects). ``compared`` is the number held
+    against ``threshold``: the robust z for ``update_norm`` (whose ``value`` is ‖ΔW‖_F), the value for the
+    others (``FLAG_COMPARED``).
     """
     rows: list[dict[str, Any]] = []
     case = dict(zip(run.edits["edit_index"], run.edits["case_id"]))
@@ -71,23 +79,26 @@ def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float
             size = float(r.get("update_ratio", np.nan))
             if size > update_ratio:
                 rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "update_size",
-                             "value": size, "threshold": update_ratio, "score": size})
+                             "value": size, "compared": size, "threshold": update_ratio, "score": size})
             mismatch = float(r["denominator"]) / float(r.get("denominator_consistent", np.nan))
             if mismatch < key_ratio:
                 rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "key_mismatch",
-                             "value": mismatch, "threshold": key_ratio, "score": mismatch})
+                             "value": mismatch, "compared": mismatch, "threshold": key_ratio,
+                             "score": mismatch})
         norms = g["delta_fro"].astype(float)
         z = robust_z(np.log(norms.clip(lower=1e-30)))
         for (_, r), zi in zip(g.iterrows(), z):
             if zi > norm_z:
                 rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "update_norm",
-                             "value": float(r["delta_fro"]), "threshold": norm_z, "score": float(zi)})
+                             "value": float(r["delta_fro"]), "compared": float(zi), "threshold": norm_z,
+                             "score": float(zi)})
         den = g["denominator"].astype(float)
         med = den.median()
         if np.isfinite(med) and med > 0:
             for _, r in g[den < denominator_ratio * med].iterrows():
                 rows.append({"edit_index": int(r["edit_index"]), "layer": int(layer), "signal": "denominator",
-                             "value": float(r["denominator"]), "threshold": denominator_ratio * med,
+                             "value": float(r["denominator"]), "compared": float(r["denominator"]),
+                             "threshold": denominator_ratio * med,
                              "score": float(r["denominator"] / med)})
     ev = run.evals.dropna(subset=["edit_index"]).sort_values("edit_index")
     prev = None
@@ -97,11 +108,11 @@ def flag_disabling_edits(run: Run, norm_z: float = 3.5, denominator_ratio: float
             ratio = float(r["perplexity"] / prev["perplexity"])
             if ratio > perplexity_ratio:
                 rows.append({"edit_index": int(r["edit_index"]), "signal": "perplexity_jump", "value": ratio,
-                             "threshold": perplexity_ratio, "first_edit": first, "score": ratio})
+                             "compared": ratio, "threshold": perplexity_ratio, "first_edit": first, "score": ratio})
             drop = float(prev["generation_entropy"] - r["generation_entropy"])
             if drop > entropy_drop:
                 rows.append({"edit_index": int(r["edit_index"]), "signal": "entropy_drop", "value": drop,
-                             "threshold": entropy_drop, "first_edit": first, "score": drop})
+                             "compared": drop, "threshold": entropy_drop, "first_edit": first, "score": drop})
         prev = r
     out = pd.DataFrame(rows, columns=FLAG_COLUMNS + ["score"])
     out["case_id"] = out["edit_index"].map(case)
@@ -391,13 +402,20 @@ def warning_lead(run: Run, warnings: pd.DataFrame | None = None) -> dict[str, An
     raised long before by another event. ``false_alarm``: the run warned and never turned catastrophic."""
     warnings = early_warning(run) if warnings is None else warnings
     phases = forgetting_phases(run)
-    first = int(warnings["edit_index"].min()) if len(warnings) else None
     onset = phases["onset"] if phases["catastrophic"] else None
-    last_gradual = hit = None
+    last_gradual = None
     if onset is not None:
         checks = run.evals.dropna(subset=["retention"])["edit_index"]
         earlier = checks[checks < onset]
         last_gradual = int(earlier.max()) if len(earlier) else -1
+    return _lead(warnings, onset, last_gradual)
+
+
+def _lead(warnings: pd.DataFrame, onset: int | None, last_gradual: int | None) -> dict[str, Any]:
+    """``warning_lead``'s columns for a given onset (None: no collapse) and last checkpoint before it."""
+    first = int(warnings["edit_index"].min()) if len(warnings) else None
+    hit = None
+    if onset is not None:
         after = warnings[warnings["edit_index"] > last_gradual]
         hit = after.iloc[0] if len(after) else None
     return {"first_warning": first, "first_signal": warnings["signal"].iloc[0] if len(warnings) else None,
@@ -407,3 +425,44 @@ def warning_lead(run: Run, warnings: pd.DataFrame | None = None) -> dict[str, An
             "collapse_signal": hit["signal"] if hit is not None else None,
             "collapse_lead": onset - int(hit["edit_index"]) if hit is not None else None,
             "false_alarm": bool(onset is None and first is not None)}
+
+
+# A verdict on the phases needs this many retention checkpoints: the two-segment fit takes 3 a segment, and
+# with fewer than 10 one noisy checkpoint moves its break (the demo's runs have 2-8, the long study's 12).
+MIN_CHECKPOINTS = 10
+TOO_FEW = "too few checkpoints"
+RETENTION_NOTE = ("Retention compares p(target_new) with p(target_true) on earlier edits: a broken model can still "
+                  "rank the two, so retention can stay high while perplexity is high.")
+
+
+def collapse_phases(run: Run, warnings: pd.DataFrame | None = None,
+                    min_checkpoints: int = MIN_CHECKPOINTS) -> dict[str, Any]:
+    """The forgetting phases and the early warnings of one run, as the report tells them.
+
+    A disabling edit (``disabling_edits``: perplexity ×``COLLAPSE_RATIO`` right after it) is a collapse at
+    that edit: ``onset`` is the first one, ``shape`` "disabling edit", and the warnings are measured against it
+    (the gradual phase ends at the checkpoint before it). Otherwise a run with fewer than ``min_checkpoints``
+    retention checkpoints gets ``TOO_FEW`` in place of each verdict (onset, catastrophic, lead, collapse_lead,
+    false_alarm), and a longer run gets ``forgetting_phases`` and ``warning_lead``'s."""
+    warnings = early_warning(run) if warnings is None else warnings
+    ev = run.evals.dropna(subset=["retention"]).sort_values("edit_index")
+    enough = len(ev) >= min_checkpoints
+    dis = disabling_edits(run)
+    if len(dis):
+        onset, last_gradual = int(dis["edit_index"].iloc[0]), int(dis["first_edit"].iloc[0]) - 1
+        before = ev[ev["edit_index"] <= last_gradual]
+        phases = {"checkpoints": len(ev), "onset": onset, "catastrophic": True, "shape": "disabling edit",
+                  "gradual_slope": _slope(before["edit_index"].to_numpy(float), before["retention"].to_numpy(float))
+                  if enough else None,
+                  "retention_final": float(ev["retention"].iloc[-1]) if len(ev) else None,
+                  "perplexity_onset": onset}
+        return dict(phases, **{k: v for k, v in _lead(warnings, onset, last_gradual).items()
+                               if k != "catastrophic_onset"})
+    if not enough:
+        lead = _lead(warnings, None, None)
+        return {"checkpoints": len(ev), "onset": TOO_FEW, "catastrophic": TOO_FEW,
+                "retention_final": float(ev["retention"].iloc[-1]) if len(ev) else None,
+                "first_warning": lead["first_warning"], "first_signal": lead["first_signal"], "lead": TOO_FEW,
+                "collapse_lead": TOO_FEW, "false_alarm": TOO_FEW}
+    lead = warning_lead(run, warnings)
+    return dict(forgetting_phases(run), **{k: v for k, v in lead.items() if k != "catastrophic_onset"})

@@ -106,3 +106,10 @@ def run_checkpoint(session: "EditSession") -> tuple[dict[str, Any], list[dict[st
 def _mean(values: list[float]) -> float:
     vals = [v for v in values if not np.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def downstream_rows(session: "EditSession") -> list[dict[str, Any]]:
+    """The ``downstream`` rows of a checkpoint after the session's last edit (none without a suite)."""
+    if session.downstream is None:
+        return []
+    return session.downstream.score(session.model, session.tok, session.n_edits - 1)

@@ -63,10 +63,12 @@ def editors_help() -> str:
     for name, cls in EDITORS.items():
         hp = cls.HParams()
         fields = {f.name for f in dataclasses.fields(hp)}
-        if "layers" in fields:
-            parts.append(f"{name} (one or more layers, default {' '.join(map(str, hp.layers))})")
+        if "layers" in fields and len(hp.layers) > 1:
+            parts.append(f"{name} (one or more layers, default layers {' '.join(map(str, hp.layers))})")
+        elif "layers" in fields:  # a multi-layer editor whose default is one layer (EMMET)
+            parts.append(f"{name} (one or more layers, default layer {hp.layers[0]} alone)")
         else:
-            parts.append(f"{name} (one layer, default {hp.layer})")
+            parts.append(f"{name} (one layer, default layer {hp.layer})")
     return ", ".join(parts)
 
 
@@ -134,6 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
     records = check_records(load_data(args.data, args.n_edits), args.data)
     if editor is not None:
         check_layers(editor.layers(), n_layers(load_config(args.model)), args.model)
+    suite = _downstream(args, resuming)  # tasks checked before the model loads
     model, tok = _load(args)
     corpus = _corpus(args)
     cache = StatsCache(args.cache_dir)
@@ -150,6 +153,7 @@ def run_command(args: argparse.Namespace) -> int:
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
                               retention_sample=args.retention_sample, snapshot_every=args.snapshot_every,
                               eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
+                              downstream=suite,
                               templates=_templates(model, tok, args, spec),
                               config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
                                       "hparams_file": str(pathlib.Path(args.hparams_file).resolve())
@@ -161,6 +165,20 @@ def run_command(args: argparse.Namespace) -> int:
     session.run(records[session.n_edits:], batch_size=batch_size)
     print(format_report([load_run(args.out)]))
     return 0
+
+
+def _downstream(args: argparse.Namespace, resuming: bool) -> Any:
+    """The ``--downstream`` tasks, loaded and checked (None without the option); a resumed run scores its own."""
+    if not args.downstream:
+        return None
+    if resuming:
+        raise CollapseDiagError("--downstream: a resumed run scores the tasks it started with; leave it out")
+    if not args.eval_every:
+        raise CollapseDiagError("--downstream scores at checkpoints: give --eval-every K")
+    from .downstream import load_tasks
+    from .downstream_score import DownstreamSuite
+
+    return DownstreamSuite(load_tasks(args.downstream, args.downstream_data, args.downstream_n), args.downstream_n)
 
 
 def _published(args: argparse.Namespace, model: Any, editor: Any) -> Any:
@@ -283,26 +301,39 @@ def _check_hparams_file(spec: Any, model: Any) -> list[str]:
     return notes
 
 
+def find_runs(dirs: list[str]) -> list[str]:
+    """The runs that ``dirs`` name (runs, sweeps, folders of runs; ``sweep.run_dirs``), each folder left out
+    told in one line on stderr; ``CollapseDiagError`` when there is no run at all."""
+    from .sweep import run_dirs
+
+    runs, skipped = run_dirs(dirs)
+    for note in skipped:
+        print(f"collapsediag: {note}", file=sys.stderr)
+    if not runs:
+        raise CollapseDiagError(f"no collapsediag run in {' '.join(dirs)}: give run folders (with config.json), "
+                                "a sweep folder or a folder of runs such as runs/demo")
+    return runs
+
+
 def report_command(args: argparse.Namespace) -> int:
-    """``collapsediag report DIR [DIR ...]``."""
-    from .report import format_report
+    """``collapsediag report DIR [DIR ...]``: runs, sweep folders or folders of runs."""
+    from .report import format_report, markdown_table, text_table
     from .store import load_run
+    from .sweep import sweep_table
 
-    from .report import markdown_table, readable
-    from .sweep import expand_dirs, sweep_table
-
+    dirs = find_runs(args.dirs)
     for d in args.dirs:
         if (pathlib.Path(d) / "sweep.json").exists():
             table = sweep_table(d)
             print(f"Sweep {d} ({len(table)} cells)")
-            print((markdown_table(table) if args.format == "markdown" else readable(table).to_string(index=False))
-                  + "\n")
-    print(format_report([load_run(d) for d in expand_dirs(args.dirs)], fmt=args.format), end="")
+            print((markdown_table(table) if args.format == "markdown" else text_table(table)) + "\n")
+    print(format_report([load_run(d) for d in dirs], fmt=args.format), end="")
     return 0
 
 
 def figures_command(args: argparse.Namespace) -> int:
-    """``collapsediag figures DIR [DIR ...] --out figures/``: every figure as PNG and PDF."""
+    """``collapsediag figures DIR [DIR ...] --out figures/``: every figure as PNG and PDF (runs, sweep folders or
+    folders of runs)."""
     import pandas as pd
 
     from .analysis import disabling_edits
@@ -310,9 +341,7 @@ def figures_command(args: argparse.Namespace) -> int:
     from .scan import read_scan
     from .store import load_run
 
-    from .sweep import expand_dirs
-
-    runs = [load_run(d) for d in expand_dirs(args.dirs)]
+    runs = [load_run(d) for d in find_runs(args.dirs)]
     disabling = {r.path.name: disabling_edits(r) for r in runs}
     # on ROME's risk scan, mark the ROME runs' collapses
     confirmed = [d for r in runs if r.config.get("editor") == "rome" and len(d := disabling[r.path.name])]
@@ -331,10 +360,11 @@ def demo_command(args: argparse.Namespace) -> int:
     from .data import own_facts
     from .editors.rome import Rome
     from .plots import write_figures
-    from .report import format_report, markdown_table, readable
+    from .report import format_report, markdown_table, text_table, wrap_text
     from .scan import write_scan
     from .stats import StatsCache
-    from .study import SIZES, demo_scan, disabling_by_run, run_study, study_findings
+    from .study import (SIZES, demo_scan, disabling_by_run, run_study, study_findings, study_layers,
+                        warm_statistics)
 
     t0 = time.perf_counter()
     size = SIZES[args.size]
@@ -350,15 +380,17 @@ def demo_command(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     cache = StatsCache(args.cache_dir)
     facts = own_facts()
+    # one pass over the corpus for every layer the scan and the runs read (ROME's 5 lies inside MEMIT's 3–7)
+    warm_statistics(model, tok, study_layers(size, hparams), stats_tokens=args.stats_tokens, cache=cache)
     risk = demo_scan(model, tok, facts, size, hparams=hparams, stats_tokens=args.stats_tokens, cache=cache,
                      seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     write_scan(risk, out / "scan.csv")
     cols = ["risk_rank", "case_id", "denominator", "denominator_consistent", "denominator_ratio", "key_cosine",
             "subject_first_token", "in_demo"]
-    print(f"Risk scan of the {len(risk)} own facts at layer {risk.attrs['layer']} (no edit made; "
-          f"denominator = ROME's k_uᵀu, denominator_consistent = r-ROME's k̄ᵀu):")
-    print(readable(risk[cols].head(6)).to_string(index=False) + "\n")
+    print(wrap_text(f"Risk scan of the {len(risk)} own facts at layer {risk.attrs['layer']} (no edit made; "
+                    f"denominator = ROME's k_uᵀu, denominator_consistent = r-ROME's k̄ᵀu):"))
+    print(text_table(risk[cols].head(6)) + "\n")
     runs = run_study(model, tok, facts, out, size, hparams=hparams, stats_tokens=args.stats_tokens,
                      cache=cache, seed=args.seed, templates={Rome.context_lengths: risk.attrs["context_templates"]})
     disabling = disabling_by_run(runs)
@@ -370,9 +402,9 @@ def demo_command(args: argparse.Namespace) -> int:
     findings.to_csv(out / "findings.csv", index=False)
     print(format_report(list(runs.values())))
     print(f"figures: {len(figures)} files in {figures_dir}")
-    print(f"runs: {out}; risk scan in {out / 'scan.csv'}; findings also in {out / 'findings.md'}")
+    print(wrap_text(f"runs: {out}; risk scan in {out / 'scan.csv'}; findings also in {out / 'findings.md'}"))
     print(f"\nFindings ({args.size} study, {size.n_edits} edits per run, {time.perf_counter() - t0:.0f} s):")
-    print(table)
+    print(text_table(findings))
     return 0
 
 
@@ -437,10 +469,28 @@ def _model_option(p: argparse.ArgumentParser) -> None:
                    help="spread the model over devices (e.g. auto, with accelerate); overrides --device")
 
 
+def quiet_weight_loading(verbose: int = 0, quiet: bool = False) -> None:
+    """transformers' own progress bars ("Loading weights") hidden unless ``-vv``; the Hugging Face Hub's
+    download bars stay (hidden with ``quiet``)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    if verbose > 1:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()  # switches the Hub's bars off too: back on below
+    if quiet:
+        disable_progress_bars()
+    elif hub_bars:
+        enable_progress_bars()
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and tokenizer of ``--model`` with ``--dtype``, ``--device`` and ``--device-map``."""
     from .models import load_model
 
+    quiet_weight_loading(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
 
 
@@ -465,7 +515,8 @@ def _common_options(in_subcommand: bool) -> argparse.ArgumentParser:
     """-v and -q, accepted before and after the subcommand (a subcommand keeps what was given before it)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if in_subcommand else 0,
-                        help="more log output (-v: collapsediag's debug messages; -vv: other libraries' too)")
+                        help="more log output (-v: collapsediag's debug messages; -vv: other libraries' too, and "
+                             "transformers' progress bars)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if in_subcommand else False,
                         help="no progress bars")
     return common
@@ -509,6 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--snapshot-every", type=nonnegative_int, default=1000, metavar="N",
                    help="store the edited matrices every N edits, so model_at and --resume replay at most N "
                         "updates (0: never)")
+    r.add_argument("--downstream", default=None, metavar="TASK[,TASK...]",
+                   help="score these tasks few-shot at every checkpoint: built-in sst2, mrpc, cola, rte, nli, mmlu, "
+                        "or NAME=path/spec.json for your own (needs --eval-every)")
+    r.add_argument("--downstream-n", type=positive_int, default=200, metavar="N",
+                   help="examples scored per task (a seeded subset, the same at every checkpoint)")
+    r.add_argument("--downstream-data", default=None, metavar="DIR",
+                   help="folder of the built-in tasks' data files (default: $COLLAPSEDIAG_GLUE_EVAL, else "
+                        "../shared/data/glue_eval)")
     r.add_argument("--eval-text", default=None,
                    help="held-out text file for perplexity (default: the packaged held-out passages)")
     r.add_argument("--context", type=nonnegative_int, default=None,
@@ -595,13 +654,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="summary, flagged edits and forgetting phases of saved runs",
                         parents=[common], formatter_class=_Formatter)
-    rp.add_argument("dirs", nargs="+", help="run directories")
+    rp.add_argument("dirs", nargs="+", help="run folders, sweep folders or folders of runs (e.g. runs/demo); "
+                                            "other folders are skipped")
     rp.add_argument("--format", default="text", choices=["text", "markdown"], help="output format")
     rp.set_defaults(func=report_command)
 
     fg = sub.add_parser("figures", help="write the figures of saved runs (PNG and PDF)", parents=[common],
                         formatter_class=_Formatter)
-    fg.add_argument("dirs", nargs="+", help="run directories")
+    fg.add_argument("dirs", nargs="+", help="run folders, sweep folders or folders of runs (e.g. runs/demo); "
+                                            "other folders are skipped")
     fg.add_argument("--out", default="figures", help="folder for the figures")
     fg.add_argument("--scan", default=None,
                     help="a risk scan (.csv or .parquet from collapsediag scan) to draw with the runs' disabling "
@@ -630,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """collapsediag's messages to stderr at INFO (DEBUG with -v); other libraries stay at WARNING (INFO with
-    -vv); ``quiet`` hides the progress bars."""
+    -vv); ``quiet`` hides the progress bars. transformers' own bars ("Loading weights") are hidden where the
+    command loads a model (``quiet_weight_loading``) unless -vv."""
     from .progress import set_progress
 
     handler = logging.StreamHandler(sys.stderr)

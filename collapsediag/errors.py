@@ -34,3 +34,12 @@ class ModelNotFoundError(CollapseDiagError, FileNotFoundError):
 
 class ModeError(CollapseDiagError):
     """An editing mode the editor cannot run (e.g. ROME or r-ROME asked for a batch)."""
+
+
+class TaskError(CollapseDiagError, ValueError):
+    """A downstream task cannot be scored: unknown name, bad spec, or a record it cannot use."""
+
+    def __init__(self, task: str, reason: str, record: object = None) -> None:
+        self.task, self.reason, self.record = task, reason, record
+        where = f" record {record}" if record is not None else ""
+        super().__init__(f"downstream task {task!r}{where}: {reason}")

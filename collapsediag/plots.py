@@ -6,9 +6,10 @@ line styles, markers and legends are mapped by seaborn from tidy frames; legends
 
 Single-panel figures return their Axes. Figures of several quantities draw one panel per quantity and
 return the list of panel Axes: ``plot_forgetting`` (one panel per metric), ``plot_denominator_vs_norm``
-(ROME family, batched editors: the panels with data) and ``plot_perplexity`` (perplexity, then generation
-entropy). Their ``ax`` is None (a new figure), one Axes (its area is split into the panels) or a sequence
-of Axes (one per panel).
+(ROME family, batched editors: the panels with data), ``plot_norm_growth_by_family`` (one panel per editor
+family) and ``plot_perplexity`` (perplexity, then generation entropy). Their ``ax`` is None (a new figure),
+one Axes (its area is split into the panels) or a sequence of Axes (one per panel). Every edit axis is the
+edits applied (``edits_applied``: edit_index + 1, the unedited model at 0) and starts at 0.
 
 >>> fig, ax = plt.subplots()
 >>> plot_norm_growth([load_run("runs/rome"), load_run("runs/r-rome")], ax=ax)
@@ -121,9 +122,16 @@ def _panel_title(axes: list[Axes], own: bool, title: str) -> None:
         axes[0].set_title(title, loc="left")
 
 
+def edits_applied(edit_index: Any) -> Any:
+    """The x of every edit axis: edits applied after an edit (edit_index + 1; the unedited model's checkpoint,
+    edit_index −1, is at 0)."""
+    return np.asarray(edit_index, dtype=int) + 1
+
+
 def _edit_axis(ax: Axes, label: str = "edits applied") -> None:
-    """An x axis of edit counts: integer ticks only."""
+    """An x axis of edits applied (``edits_applied``): integer ticks only, starting at 0 in every figure."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(left=0)
     ax.set_xlabel(label)
 
 
@@ -192,16 +200,21 @@ NORM_UNITS = {"weight_l1": "‖W‖₁ / numel", "weight_fro": "‖W‖_F", "dri
 
 
 def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str = "weight_l1",
-                     layers: list[int] | None = None, relative: bool = True) -> Axes:
+                     layers: list[int] | None = None, relative: bool = True,
+                     among: Run | list[Run] | None = None) -> Axes:
     """``weight_l1`` (or another layers-table metric) per edited layer against the edits applied.
 
     Colour: the run; line style: the layer. ``relative`` divides by the unedited value (from the run's
-    config) so runs and layers compare.
+    config) so runs and layers compare. ``among``: the runs of the whole figure, whose colours and labels
+    ``runs`` keep (default: ``runs``).
     """
     ax = _ax(ax)
     runs = _runs(runs)
+    among = _runs(among) if among is not None else runs
+    label_of = {id(r): lab for r, lab in zip(among, _labels(among))}
     frames = []
-    for run, label in zip(runs, _labels(runs)):
+    for run in runs:
+        label = label_of[id(run)]
         ly = run.layers.dropna(subset=[metric])
         for layer, g in ly.groupby("layer"):
             if layers is not None and layer not in layers:
@@ -210,13 +223,13 @@ def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str 
             init = run.config.get("initial_weights", {}).get(str(int(layer)), {}).get(metric)
             if relative and init:
                 y = y / init
-            frames.append(pd.DataFrame({"edits applied": g["edit_index"].to_numpy(int) + 1, "value": y,
+            frames.append(pd.DataFrame({"edits applied": edits_applied(g["edit_index"]), "value": y,
                                         "run": label, "layer": int(layer)}))
     if frames:
         d = pd.concat(frames, ignore_index=True)
         many = d.groupby(["run", "layer"]).size().max() >= 30
-        sns.lineplot(d, x="edits applied", y="value", hue="run", style="layer", palette=_palette(runs),
-                     hue_order=[lab for lab in _labels(runs) if lab in set(d["run"])], estimator=None,
+        sns.lineplot(d, x="edits applied", y="value", hue="run", style="layer", palette=_palette(among),
+                     hue_order=[lab for lab in _labels(among) if lab in set(d["run"])], estimator=None,
                      errorbar=None, sort=True, ax=ax, **({} if many else {"marker": "."}))
     _edit_axis(ax)
     unit = NORM_UNITS.get(metric, metric)
@@ -224,6 +237,40 @@ def plot_norm_growth(runs: Run | list[Run], ax: Axes | None = None, metric: str 
     ax.set_title("Norm growth of the edited matrices")
     _legend_outside(ax)
     return ax
+
+
+FAMILIES = {"ROME family": ROME_FAMILY, "MEMIT family": ("memit", "emmet", "d4s", "alphaedit", "encore")}
+OTHER_FAMILY = "other editors"
+
+
+def editor_family(run: Run) -> str:
+    """The name of the run's editor family in ``FAMILIES`` (``OTHER_FAMILY`` for any other editor)."""
+    editor = run.config.get("editor")
+    return next((name for name, editors in FAMILIES.items() if editor in editors), OTHER_FAMILY)
+
+
+def plot_norm_growth_by_family(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None,
+                               metric: str = "weight_l1", relative: bool = True) -> list[Axes]:
+    """``plot_norm_growth`` in one panel per editor family (ROME's, MEMIT's, then any other), each on its own y
+    scale, so that the MEMIT family's small growth (D4S against MEMIT) is not flattened by ROME's; colours as in
+    every other figure. Returns the panels, ROME family first."""
+    runs = _runs(runs)
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(editor_family(run), []).append(run)
+    names = [n for n in (*FAMILIES, OTHER_FAMILY) if n in groups] or [""]
+    axes, own = _panels(ax, len(names), 1, sharex=True, panel=(3.6, 2.1))
+    for a, name in zip(axes, names):
+        plot_norm_growth(groups.get(name, []), ax=a, metric=metric, relative=relative, among=runs)
+        a.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))  # 1.0002, not 1 + 2e-4
+        a.set_title("")
+        a.set_title(f"{name}: " + ", ".join(dict.fromkeys(str(r.config.get("editor")) for r in groups[name]))
+                    if name else "", loc="left")
+    for a in axes[:-1]:
+        a.set_xlabel("")
+    if own:
+        axes[0].figure.suptitle("Norm growth of the edited matrices")
+    return axes
 
 
 def plot_norm_comparison(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
@@ -238,7 +285,7 @@ def plot_norm_comparison(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None
         ly = relative_growth(run)
         s1 = ly["weight_sigma1_ratio"] if "weight_sigma1_ratio" in ly else np.nan
         per = ly.assign(s1=s1).groupby("edit_index").agg(l1=("growth", "mean"), s1=("s1", "max"))
-        rows.append(pd.DataFrame({"edits applied": per.index.to_numpy(int) + 1, "run": label,
+        rows.append(pd.DataFrame({"edits applied": edits_applied(per.index), "run": label,
                                   "l1": 100 * per["l1"].to_numpy(float),
                                   "s1": 100 * (per["s1"].to_numpy(float) - 1)}))
     d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", "l1", "s1"])
@@ -275,8 +322,8 @@ def plot_forgetting(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = No
     rows = []
     for run, label in zip(runs, _labels(runs)):
         ev = run.evals.dropna(subset=["edit_index"])
-        ev = ev[ev["n_edits"] > 0]
-        rows.append(pd.DataFrame({"edits applied": ev["n_edits"].to_numpy(int), "run": label,
+        ev = ev[ev["edit_index"] >= 0]
+        rows.append(pd.DataFrame({"edits applied": edits_applied(ev["edit_index"]), "run": label,
                                   **{m: ev[m].to_numpy(float) for m in metrics}}))
     d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", *metrics])
     order = [lab for lab in _labels(runs) if lab in set(d["run"])]
@@ -306,7 +353,7 @@ def plot_spectral(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
         ly = run.layers.dropna(subset=["edit_index"])
         per = ly.groupby("edit_index").agg(s1=("weight_sigma1_ratio", "max"), v=("v_star_ratio", "mean"))
         per["v"] = per["v"].rolling(10, min_periods=1).median()
-        rows.append(pd.DataFrame({"edits applied": per.index.to_numpy(int) + 1, "run": label,
+        rows.append(pd.DataFrame({"edits applied": edits_applied(per.index), "run": label,
                                   "s1": per["s1"].to_numpy(float), "v": per["v"].to_numpy(float)}))
     d = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["edits applied", "run", "s1", "v"])
     order = [lab for lab in _labels(runs) if lab in set(d["run"])]
@@ -326,8 +373,9 @@ def plot_spectral(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
 def plot_warnings(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
     """One panel per run: retention at each checkpoint, the first early warning (dashed), the first warning
     after the gradual phase (dotted, ``warning_lead``'s collapse_warning) and the catastrophic onset that
-    ``forgetting_phases`` finds (solid), so the lead of the warnings is read off the edit axis."""
-    from .analysis import early_warning, forgetting_phases, warning_lead
+    ``collapse_phases`` finds (solid: a disabling edit, or on a run with enough checkpoints the onset of
+    ``forgetting_phases``), so the lead of the warnings is read off the edit axis."""
+    from .analysis import collapse_phases, early_warning
 
     runs = _runs(runs)
     ncols = min(3, len(runs))
@@ -335,19 +383,19 @@ def plot_warnings(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None
     colours = _palette(runs)
     for a, run, label in zip(axes, runs, _labels(runs)):
         ev = run.evals.dropna(subset=["retention"])
-        a.plot(ev["n_edits"], ev["retention"], marker=".", color=colours[label])
+        a.plot(edits_applied(ev["edit_index"]), ev["retention"], marker=".", color=colours[label])
         warns = early_warning(run)
         if len(warns):
             first = warns.iloc[0]
             a.axvline(first["edit_index"] + 1, ls="--", color="tab:orange",
                       label=f"first warning ({first['signal']})")
-        ph = forgetting_phases(run)
-        if ph["catastrophic"]:
-            a.axvline(ph["onset"] + 1, ls="-", color="tab:red", label="catastrophic onset")
-            lead = warning_lead(run, warns)
-            if lead["collapse_warning"] is not None and lead["collapse_warning"] != lead["first_warning"]:
-                a.axvline(lead["collapse_warning"] + 1, ls=":", color="tab:purple",
-                          label=f"warning in the collapse ({lead['collapse_signal']})")
+        ph = collapse_phases(run, warns)
+        if ph["catastrophic"] is True:  # not "too few checkpoints"
+            a.axvline(ph["onset"] + 1, ls="-", color="tab:red", label="disabling edit" if
+                      ph.get("shape") == "disabling edit" else "catastrophic onset")
+            if ph["collapse_warning"] is not None and ph["collapse_warning"] != ph["first_warning"]:
+                a.axvline(ph["collapse_warning"] + 1, ls=":", color="tab:purple",
+                          label=f"warning in the collapse ({ph['collapse_signal']})")
         a.set_ylim(-0.03, 1.03)
         a.set_title(label, fontsize="small")
         a.set_ylabel("retention")
@@ -546,7 +594,7 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
     flag_list, dis_list = _per_run(flags, runs, "flags"), _per_run(disabling, runs, "disabling")
     evs = [r.evals.dropna(subset=["perplexity"]).sort_values("edit_index") for r in runs]
     d = pd.concat([pd.DataFrame(columns=["edits applied", "run", "perplexity", "entropy"])]
-                  + [pd.DataFrame({"edits applied": ev["n_edits"].to_numpy(int), "run": lab,
+                  + [pd.DataFrame({"edits applied": edits_applied(ev["edit_index"]), "run": lab,
                                    "perplexity": ev["perplexity"].to_numpy(float),
                                    "entropy": ev["generation_entropy"].to_numpy(float)})
                      for ev, lab in zip(evs, labels)], ignore_index=True)
@@ -570,7 +618,7 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
                 cp = _checkpoint_of(ev, e)
                 if cp is None:
                     continue
-                marks.append({"run": lab, "kind": kind, "edit": e, "x": int(cp["n_edits"]),
+                marks.append({"run": lab, "kind": kind, "edit": e, "x": int(edits_applied(cp["edit_index"])),
                               "perplexity": float(cp["perplexity"]), "entropy": float(cp["generation_entropy"]),
                               "text": f"edit {e}: {_short(case.get(e, '?'))}"
                                       + (" (disabling)" if kind == "disabling" else "")})
@@ -600,7 +648,7 @@ def plot_perplexity(runs: Run | list[Run], flags: pd.DataFrame | list[pd.DataFra
         axes[1].margins(y=0.15)
     for a in axes[:-1]:
         a.set_xlabel("")
-    _edit_axis(axes[-1], "edits applied (edit index + 1)")
+    _edit_axis(axes[-1])
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     _panel_title(axes, own, "Model-level collapse signals")
     return axes
@@ -690,6 +738,46 @@ def plot_risk_scan(scan_df: pd.DataFrame, confirmed: Any = None, ax: Axes | None
 FIXED_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}
 
 
+def plot_downstream(runs: Run | list[Run], ax: Axes | Sequence[Axes] | None = None) -> list[Axes]:
+    """Downstream accuracy against the edits applied: one panel per task, one line per run, chance as a dashed
+    line. A run for which a task is uninformative (its unedited 95 % interval holds chance) is drawn faint and
+    the panel's title says so. Returns the panels, tasks in order of first appearance."""
+    from .downstream_score import downstream_summary
+
+    runs = _runs(runs)
+    labels, colours = _labels(runs), _palette(runs)
+    tasks = list(dict.fromkeys(t for r in runs for t in r.downstream["task"].dropna()))
+    axes, own = _panels(ax, max(len(tasks), 1), min(len(tasks), 3) or 1, sharex=False, panel=(2.6, 1.9))
+    for a, task in zip(axes, tasks):
+        faint, drawn, chance = 0, 0, []
+        for run, label in zip(runs, labels):
+            d = run.downstream[run.downstream["task"] == task].dropna(subset=["accuracy"]).sort_values("edit_index")
+            if not len(d):
+                continue
+            info = downstream_summary(run).set_index("task").loc[task, "informative"]
+            faint += not info
+            drawn += 1
+            a.plot(d["edit_index"].to_numpy(int) + 1, d["accuracy"].to_numpy(float), marker=".", label=label,
+                   color=colours[label], alpha=1.0 if info else 0.35)
+            chance.append(float(d["chance"].iloc[0]))
+        for c in sorted(set(np.round(chance, 3))):
+            a.axhline(c, color="0.4", linestyle="--", linewidth=0.9)
+        note = "" if not faint else " (uninformative)" if faint == drawn else \
+            f" (faint: uninformative, {faint}/{drawn})"
+        a.set_title(task + note, loc="left")
+        a.set_ylim(-0.03, 1.03)
+        a.set_ylabel("accuracy")
+        _edit_axis(a)
+    if tasks:
+        handles = [Line2D([], [], color=colours[lab], marker=".", label=lab)
+                   for run, lab in zip(runs, labels) if len(run.downstream)]
+        handles.append(Line2D([], [], color="0.4", linestyle="--", label="chance"))
+        axes[min(len(tasks), 3) - 1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1),
+                                            frameon=False)
+    _panel_title(axes, own, "Downstream accuracy")
+    return axes
+
+
 def _figure_of(drawn: Axes | Sequence[Axes]) -> Any:
     return drawn.figure if isinstance(drawn, Axes) else drawn[0].figure
 
@@ -710,7 +798,7 @@ def write_figures(runs: list[Run], out: str | os.PathLike, scan: pd.DataFrame | 
     has = lambda table, col: any(getattr(r, table)[col].notna().any() for r in runs)  # noqa: E731
     figures: dict[str, Any] = {}
     if runs:
-        figures["norm_growth"] = lambda: plot_norm_growth(runs)
+        figures["norm_growth"] = lambda: plot_norm_growth_by_family(runs)
     if has("evals", "retention"):
         figures["forgetting"] = lambda: plot_forgetting(runs)
     if has("layers", "weight_sigma1_ratio"):
@@ -726,6 +814,8 @@ def write_figures(runs: list[Run], out: str | os.PathLike, scan: pd.DataFrame | 
     if has("evals", "perplexity"):
         figures["perplexity"] = lambda: plot_perplexity(runs, [flag_disabling_edits(r) for r in runs],
                                                         disabling=disabling)
+    if any(len(r.downstream) for r in runs):
+        figures["downstream"] = lambda: plot_downstream(runs)
     if scan is not None:
         figures["risk_scan"] = lambda: plot_risk_scan(scan, confirmed)
     return [path for name, draw in figures.items() for path in write_figure(draw, out / name)]

@@ -37,6 +37,17 @@ def summary(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def downstream_table(runs: list[Run]) -> pd.DataFrame:
+    """``downstream_score.downstream_summary`` of every run that scored downstream tasks, with its run's name."""
+    from .downstream_score import downstream_summary
+
+    parts = [downstream_summary(r).assign(run=r.path.name) for r in runs if len(r.downstream)]
+    if not parts:
+        return pd.DataFrame()
+    d = pd.concat(parts, ignore_index=True)
+    return d[["run"] + [c for c in d.columns if c != "run"]]
+
+
 def failed_edits(run: Run) -> pd.DataFrame:
     """Edits whose status is not ``ok``."""
     e = run.edits
@@ -64,6 +75,74 @@ def readable(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> pd.DataFrame:
     """``df`` with every cell as ``readable_cell`` text."""
     return pd.DataFrame({c: [readable_cell(v, str(c), floatfmt) for v in df[c].tolist()] for c in df.columns},
                         index=df.index)
+
+
+WIDTH = 100  # columns of printed tables and report text
+MIN_WRAP = 24  # a longer cell may wrap down to this width (or its column's header, if wider)
+
+
+def _fair_widths(natural: list[int], low: list[int], width: int) -> list[int]:
+    """Column widths from ``low`` towards ``natural``, the narrowest growing first, until the total is ``width``."""
+    widths = list(low)
+    while sum(widths) < width:
+        open_ = [i for i, (w, n) in enumerate(zip(widths, natural)) if w < n]
+        if not open_:
+            break
+        widths[min(open_, key=lambda i: widths[i])] += 1
+    return widths
+
+
+def _blocks(low: list[int], width: int) -> list[list[int]]:
+    """Columns split into blocks that fit ``width`` at their ``low`` widths; each later block repeats column 0."""
+    blocks, cur, used = [], [0], low[0]
+    for i in range(1, len(low)):
+        if used + 2 + low[i] > width and len(cur) > 1:
+            blocks.append(cur)
+            cur, used = [0], low[0]
+        cur.append(i)
+        used += 2 + low[i]
+    return blocks + [cur]
+
+
+def _numeric(col: pd.Series) -> bool:
+    """Every value of the column is a number (not a boolean) or missing: its cells are right-aligned."""
+    values = [v for v in col.tolist() if not (v is None or (isinstance(v, float) and np.isnan(v)))]
+    return bool(values) and all(isinstance(v, (int, float, np.integer, np.floating))
+                                and not isinstance(v, (bool, np.bool_)) for v in values)
+
+
+def text_table(df: pd.DataFrame, width: int = WIDTH, floatfmt: str = "{:.4g}") -> str:
+    """``df`` as plain text within ``width`` columns: readable cells (``readable``), long cells wrapped onto
+    further lines, and columns that still do not fit continued in blocks below that repeat the first column."""
+    import textwrap
+
+    if df.empty:
+        return "(none)"
+    cells = readable(df, floatfmt)
+    heads = [str(c) for c in df.columns]
+    rows = [list(r) for r in cells.itertuples(index=False)]
+    natural = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
+    low = [max(len(h), min(n, MIN_WRAP)) for h, n in zip(heads, natural)]
+    right = [_numeric(df[c]) for c in df.columns]
+    out = []
+    for block in _blocks(low, width):
+        widths = _fair_widths([natural[i] for i in block], [low[i] for i in block], width - 2 * (len(block) - 1))
+        fmt = [(w, right[i]) for w, i in zip(widths, block)]
+        out.append("  ".join(heads[i].rjust(w) if r else heads[i].ljust(w) for (w, r), i in zip(fmt, block)).rstrip())
+        for row in rows:
+            parts = [textwrap.wrap(row[i], w, break_on_hyphens=False) or [""] for (w, _), i in zip(fmt, block)]
+            for k in range(max(map(len, parts))):
+                line = [(p[k] if k < len(p) else "") for p in parts]
+                out.append("  ".join(x.rjust(w) if r else x.ljust(w) for x, (w, r) in zip(line, fmt)).rstrip())
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def wrap_text(text: str, width: int = WIDTH, indent: str = "") -> str:
+    """``text`` wrapped at ``width`` columns, later lines indented by ``indent``."""
+    import textwrap
+
+    return textwrap.fill(text, width, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
@@ -129,40 +208,77 @@ def explain(run: Run, perplexity_ratio: float | None = None, most: int = 5) -> l
     return lines
 
 
+PHASE_COLUMNS = ["run", "checkpoints", "onset", "catastrophic", "shape", "gradual_slope", "catastrophic_slope",
+                 "retention_at_onset", "retention_final", "fit_gain", "perplexity_onset", "first_warning",
+                 "first_signal", "lead", "last_gradual", "collapse_warning", "collapse_signal", "collapse_lead",
+                 "false_alarm"]
+
+
+def phases_table(runs: list[Run], warns: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """One row per run: ``analysis.collapse_phases`` (a disabling edit is a collapse at that edit; "too few
+    checkpoints" in place of a verdict on a short run), in ``PHASE_COLUMNS`` order."""
+    from .analysis import collapse_phases
+
+    warns = warns or {}
+    df = pd.DataFrame([dict(run=r.path.name, **collapse_phases(r, warns.get(r.path.name))) for r in runs])
+    return df[[c for c in PHASE_COLUMNS if c in df.columns] + [c for c in df.columns if c not in PHASE_COLUMNS]]
+
+
+def _phase_notes() -> list[str]:
+    from .analysis import COLLAPSE_RATIO, MIN_CHECKPOINTS, RETENTION_NOTE
+
+    return [f"A disabling edit (perplexity x{COLLAPSE_RATIO:g} or more right after it) is a collapse at that edit "
+            f"(shape \"disabling edit\"); otherwise a verdict needs {MIN_CHECKPOINTS} checkpoints with "
+            "retention, and a shorter run says \"too few checkpoints\".", RETENTION_NOTE]
+
+
+def _flag_notes(flags: pd.DataFrame) -> list[str]:
+    from .analysis import FLAG_COMPARED
+
+    return ["compared: the number held against threshold; " + "; ".join(
+        f"{s}: {FLAG_COMPARED[s]}" for s in sorted(set(flags["signal"])) if s in FLAG_COMPARED) + "."] \
+        if len(flags) else []
+
+
 def format_report(runs: list[Run], fmt: str = "text") -> str:
     """Report of saved runs: the summary table, the flagged edits, the forgetting phases and every edit
-    that did not succeed; ``fmt`` is ``text`` or ``markdown``."""
-    from .analysis import early_warning, flag_disabling_edits, forgetting_phases, warning_lead
+    that did not succeed; ``fmt`` is ``text`` (tables and lines within ``WIDTH`` columns, long cells wrapped)
+    or ``markdown`` (full text)."""
+    from .analysis import early_warning, flag_disabling_edits
 
     if fmt not in ("text", "markdown"):
         raise ValueError(f"unknown report format {fmt!r}: text or markdown")
     table = pd.concat([summary(r) for r in runs], ignore_index=True)
     flags = pd.concat([flag_disabling_edits(r).assign(run=r.path.name) for r in runs], ignore_index=True)
-    flags = flags[["run"] + [c for c in flags.columns if c != "run"]]
+    flags = flags[["run"] + [c for c in flags.columns if c not in ("run", "score")]]
     warns = {r.path.name: early_warning(r) for r in runs}
-    phases = pd.DataFrame([dict(run=r.path.name, **forgetting_phases(r),
-                                **{k: v for k, v in warning_lead(r, warns[r.path.name]).items()
-                                   if k != "catastrophic_onset"}) for r in runs])
+    phases = phases_table(runs, warns)
     warn_table = pd.concat([w.assign(run=name) for name, w in warns.items()], ignore_index=True)
     warn_table = warn_table[["run"] + [c for c in warn_table.columns if c != "run"]]
-    sections = [("Summary", table), ("Flagged edits (possible disabling edits)", flags),
+    sections = [("Summary", table, []), ("Flagged edits (possible disabling edits)", flags, _flag_notes(flags)),
                 ("Forgetting phases and the early warnings (lead = onset − first warning; collapse_lead = onset − "
-                 "first warning after the gradual phase)", phases),
-                ("Early warnings (signals at edit time crossing their thresholds)", warn_table)]
+                 "first warning after the gradual phase)", phases, _phase_notes()),
+                ("Early warnings (signals at edit time crossing their thresholds)", warn_table, [])]
+    down = downstream_table(runs)
+    if len(down):  # runs with --downstream
+        sections.append(("Downstream accuracy (unedited, with its 95 % Wilson interval, and at the last checkpoint)",
+                         down, ["A task whose unedited interval holds chance is uninformative for that model: "
+                                "informative no, and it never counts as dropped (dropped: the last accuracy is "
+                                "below the unedited interval)."]))
     stories = [line for r in runs for line in explain(r)]
     for r in runs:
         bad = failed_edits(r)
         if len(bad):
-            sections.append((f"Edits not ok in {r.path.name}", bad))
+            sections.append((f"Edits not ok in {r.path.name}", bad, []))
     parts = []
     if stories:
         title = "Disabling edits and edits that did not take"
         parts += ([f"## {title}", ""] + [f"- {x}" for x in stories] + [""] if fmt == "markdown"
-                  else [title] + stories + [""])
-    for title, df in sections:
+                  else [title] + [wrap_text(x, indent="  ") for x in stories] + [""])
+    for title, df, notes in sections:
         if fmt == "markdown":
             parts += [f"## {title}", "", markdown_table(df) if len(df) else "(none)", ""]
+            parts += [f"{n}\n" for n in notes]
         else:
-            with pd.option_context("display.width", 200, "display.max_columns", 30):
-                parts += [title, readable(df).to_string(index=False) if len(df) else "(none)", ""]
+            parts += [wrap_text(title), text_table(df)] + ([""] if notes else []) + [wrap_text(n) for n in notes] + [""]
     return "\n".join(parts).rstrip() + "\n"

@@ -37,6 +37,7 @@ class ResumeState:
     n_batches: int
     checkpoints: list[int]  # kept (complete) checkpoints, ascending
     redo: int | None  # edit_index of the checkpoint to redo after rebuilding the model (−1: baseline)
+    downstream: pd.DataFrame | None = None  # rows of the kept checkpoints (written before their evals row)
 
 
 def whole_batches(run: Run) -> list[pd.DataFrame]:
@@ -116,7 +117,8 @@ def consistent_state(run: Run) -> ResumeState:
         layers=run.layers[run.layers["edit_index"].isin(done)].reset_index(drop=True),
         evals=evals[evals["edit_index"].isin(kept)].reset_index(drop=True),
         retention=retention[retention["checkpoint"].isin(kept)].reset_index(drop=True),
-        n_batches=len(batches), checkpoints=kept, redo=redo)
+        n_batches=len(batches), checkpoints=kept, redo=redo,
+        downstream=run.downstream[run.downstream["edit_index"].isin(kept)].reset_index(drop=True))
 
 
 def _drop_factors(run: Run, n_batches: int) -> None:
@@ -132,6 +134,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
                    progress: bool = True) -> "EditSession":
     """Reopen the run in ``path`` at its consistent state (see ``EditSession.resume``)."""
     from .arch import ArchSpec
+    from .downstream_score import DownstreamSuite
     from .editors import get_editor
     from .fluency import GENERATION_PROMPTS, heldout_texts
     from .models import model_fingerprint
@@ -163,6 +166,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
                   generation_tokens=cfg.get("generation_tokens", 64), diagnostics=cfg.get("diagnostics", True),
                   retention_sample=int(cfg.get("retention_sample") or 0),  # runs before sampling tested all
                   snapshot_every=int(cfg.get("snapshot_every") or 0),
+                  downstream=DownstreamSuite.from_config(cfg["downstream"]) if cfg.get("downstream") else None,
                   progress=progress, _resume=True)
     session.config = cfg
 
@@ -179,8 +183,9 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
             editor.replay({k[6:]: v for k, v in arrays.items() if k.startswith("state_")}, session.env)
 
     # checkpoints first: a crash in between leaves rows that the next resume drops again
-    for table in ("evals", "retention", "layers", "edits"):
-        session.writer.rewrite(table, getattr(state, table))
+    for table in ("downstream", "evals", "retention", "layers", "edits"):
+        if getattr(state, table) is not None:
+            session.writer.rewrite(table, getattr(state, table))
     _drop_factors(run, state.n_batches)
     for index in run.snapshots():  # weights after edits that are dropped (redone later)
         if index >= n:
@@ -234,7 +239,8 @@ def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, confi
     end = n_edits if last_checkpoint else n_edits - 1
     for table, df in (("edits", edits), ("layers", run.layers[run.layers["edit_index"] < n_edits]),
                       ("evals", run.evals[run.evals["edit_index"] < end]),
-                      ("retention", run.retention[run.retention["checkpoint"] < end])):
+                      ("retention", run.retention[run.retention["checkpoint"] < end]),
+                      ("downstream", run.downstream[run.downstream["edit_index"] < end])):
         writer.rewrite(table, df.reset_index(drop=True))
     for b in batches:
         if (f := run.factors_file(b)) is not None:

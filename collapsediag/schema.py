@@ -23,6 +23,7 @@ REQUIRED = {
                "drift_fro", "drift_l1"},
     "evals": {"edit_index", "n_edits", "n_retention", "seconds"},
     "retention": {"checkpoint", "edit_index", "case_id", "p_new", "p_true", "success"},
+    "downstream": {"edit_index", "task", "n", "accuracy", "chance", "seconds"},
 }
 
 
@@ -90,7 +91,7 @@ LAYERS = [
     _c("denominator", "float", "key units",
        "the method's scalar denominator (ROME k_uᵀu, r-ROME k̄ᵀu; batched methods: smallest eigenvalue of the "
        "n×n matrix KᵀA⁻¹K (MEMIT: A = λC + KKᵀ; D4S: A = λC + ΣKKᵀ), D (EMMET), or K̃ᵀG⁻¹K̃ with K̃ = UᵀK "
-       "(AlphaEdit); ALGORITHMS.md §13)"),
+       "(AlphaEdit))"),
     _c("condition", "float", "ratio",
        "condition number of the matrix the method inverts (C for ROME, λC + KKᵀ for MEMIT, λC + ΣKKᵀ for D4S, "
        "D for EMMET, G = Uᵀ(KKᵀ + K_pK_pᵀ)U + αI for AlphaEdit)"),
@@ -132,7 +133,8 @@ EVALS = [
        "rows this checkpoint wrote to `retention` (resume checks them; absent in runs written before it existed)"),
     _c("n_done", "int", "count", "successful edits before this checkpoint (the retention rows test all of them "
        "when `retention_sample` is 0 or larger than the older ones)"),
-    _c("retention", "float", "fraction", "share of the re-tested successful edits still successful"),
+    _c("retention", "float", "fraction", "share of the re-tested successful edits still successful (p_new > p_true): "
+       "a broken model can still rank the two, so retention can stay high while perplexity is high"),
     _c("efficacy", "float", "fraction", "efficacy over earlier edits"),
     _c("paraphrase_score", "float", "fraction", "paraphrase score over earlier edits"),
     _c("neighborhood_score", "float", "fraction", "neighborhood score over earlier edits"),
@@ -152,9 +154,24 @@ RETENTION = [
        "`retention_sample` older edits drawn for this checkpoint (config `retention_sample`; 0 = all)"),
 ]
 
-EDITS, LAYERS, EVALS, RETENTION = (_table(n, t) for n, t in
-                                   (("edits", EDITS), ("layers", LAYERS), ("evals", EVALS), ("retention", RETENTION)))
-TABLES: dict[str, list[Column]] = {"edits": EDITS, "layers": LAYERS, "evals": EVALS, "retention": RETENTION}
+DOWNSTREAM = [
+    _c("edit_index", "int", "-", "checkpoint: last edit applied before it (−1: the unedited model)"),
+    _c("task", "str", "-", "downstream task (`--downstream`: a built-in name or NAME=spec.json)"),
+    _c("n", "int", "count", "examples scored (the same seeded subset at every checkpoint; never a demonstration)"),
+    _c("accuracy", "float", "fraction", "share of examples whose answer word has the largest summed log-probability "
+       "after the few-shot prompt"),
+    _c("f1", "float", "fraction", "F1 of the spec's `positive` label (null unless the spec asks for it: mrpc, cola)"),
+    _c("mcc", "float", "correlation", "Matthews correlation (null unless the spec asks for it: mrpc, cola)"),
+    _c("chance", "float", "fraction", "accuracy of always giving the subset's most common answer (1/answers when "
+       "balanced); a task whose unedited 95 % Wilson interval holds it is uninformative"),
+    _c("seconds", "float", "s", "wall time of scoring this task at this checkpoint"),
+]
+
+EDITS, LAYERS, EVALS, RETENTION, DOWNSTREAM = (
+    _table(n, t) for n, t in (("edits", EDITS), ("layers", LAYERS), ("evals", EVALS), ("retention", RETENTION),
+                              ("downstream", DOWNSTREAM)))
+TABLES: dict[str, list[Column]] = {"edits": EDITS, "layers": LAYERS, "evals": EVALS, "retention": RETENTION,
+                                   "downstream": DOWNSTREAM}
 
 
 def nullable(table: str) -> list[str]:
@@ -188,7 +205,8 @@ def markdown() -> str:
            "Rows are appended as the run goes; a `layers` row counts only once its `edits` row exists.",
            "Resuming a cut run keeps its whole batches up to the first checkpoint that is missing or incomplete",
            "(`evals.n_retention` counts its `retention` rows), redoes that checkpoint and edits the rest again, so",
-           "no (checkpoint, edit_index) pair ever appears twice.",
+           "no (checkpoint, edit_index) pair ever appears twice. A checkpoint writes its `downstream` rows (runs",
+           "with `--downstream`) before its `evals` row, so resuming keeps them only for complete checkpoints.",
            "Generated from `collapsediag/schema.py` (`python -m collapsediag.schema`).", ""]
     for table, cols in TABLES.items():
         out += [f"## `{table}`", "", "| column | type | null | unit | editors | meaning |",

@@ -11,7 +11,7 @@ import os
 import platform
 import time
 import traceback
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from .spectral import SpectralTracker
 from .stats import LayerStats, StatsCache, TextCorpus
 from .store import RunWriter
 from .tokens import first_content_index, subject_span
+
+if TYPE_CHECKING:
+    from .downstream_score import DownstreamSuite
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -98,6 +101,8 @@ class EditSession:
     target_cache : a ``TargetCache`` shared with other sessions on the same model, so a target (v*, z)
         computed in one run is reused by another when the weights are the same (e.g. batch runs and D4S,
         which all start from W₀).
+    downstream : a ``DownstreamSuite`` scored at every checkpoint (the unedited baseline included) into the
+        ``downstream`` table; needs ``eval_every``.
     """
 
     def __init__(self, model: nn.Module, tok: object, editor: Editor, *, out: str | os.PathLike | None = None,
@@ -107,7 +112,8 @@ class EditSession:
                  eval_every: int = 0, eval_texts: list[str] | None = None,
                  generation_prompts: list[str] | tuple[str, ...] = GENERATION_PROMPTS, generation_tokens: int = 64,
                  config: dict[str, Any] | None = None, progress: bool = True, target_cache: TargetCache | None = None,
-                 retention_sample: int = DEFAULT_SAMPLE, snapshot_every: int = 1000, _resume: bool = False) -> None:
+                 retention_sample: int = DEFAULT_SAMPLE, snapshot_every: int = 1000,
+                 downstream: "DownstreamSuite | None" = None, _resume: bool = False) -> None:
         self.model, self.tok, self.editor = model, tok, editor
         self.arch = arch or arch_for(model)
         self.layers = editor.layers()
@@ -140,6 +146,8 @@ class EditSession:
         self.layer_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
         self.retention_rows: list[dict[str, Any]] = []  # in memory only without ``out`` (else on disk)
+        self.downstream = downstream
+        self.downstream_rows: list[dict[str, Any]] = []
         self.config = self._config(config or {})
         if out is None:
             self.writer = None
@@ -158,6 +166,7 @@ class EditSession:
             "stats": {str(k): v.identity for k, v in self.env.stats.items()},
             "eval_every": self.eval_every, "retention_sample": self.retention_sample,
             "snapshot_every": self.snapshot_every,
+            "downstream": self.downstream.config() if self.downstream is not None else None,
             "generation_prompts": self.generation_prompts,
             "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
             "diagnostics": self.diagnostics,
@@ -301,16 +310,20 @@ class EditSession:
 
     def checkpoint(self) -> dict[str, Any]:
         """Re-test the edits since the last checkpoint and a seeded sample of older ones (``retention_sample``),
-        and measure perplexity and generation entropy; returns the evals row (``collapsediag.checkpoints``)."""
-        from .checkpoints import run_checkpoint
+        and measure perplexity and generation entropy (and the ``downstream`` tasks); returns the evals row
+        (``collapsediag.checkpoints``)."""
+        from .checkpoints import downstream_rows, run_checkpoint
 
         row, retention_rows = run_checkpoint(self)
+        down = downstream_rows(self)
         self.checkpoints.append(row["edit_index"])
-        if self.writer is not None:
+        if self.writer is not None:  # the evals row last: it marks the checkpoint complete (resume)
+            self.writer.append("downstream", down)
             self.writer.append("retention", retention_rows)
             self.writer.append("evals", [row])
         else:  # a saved run keeps them on disk only: the table grows fastest in long runs
             self.retention_rows.extend(retention_rows)
+        self.downstream_rows.extend(down)
         self.eval_rows.append(row)
         return row
 

@@ -259,7 +259,8 @@ ALONE = "alone"  # config mode of a run whose edits were each made alone on the 
 
 
 class Run:
-    """A saved run: ``config`` (dict) and the tables ``edits``, ``layers``, ``evals``, ``retention``."""
+    """A saved run: ``config`` (dict) and the tables ``edits``, ``layers``, ``evals``, ``retention``,
+    ``downstream``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = pathlib.Path(path)
@@ -273,6 +274,7 @@ class Run:
         self.layers = layers[layers["edit_index"].isin(done)].reset_index(drop=True)
         self.evals = read_table(self.path, "evals")
         self.retention = read_table(self.path, "retention")
+        self.downstream = read_table(self.path, "downstream")  # empty without --downstream
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, editor={self.config.get('editor')!r}, "

@@ -4,7 +4,7 @@ Runs sequential ROME, r-ROME, MEMIT and D4S, and MEMIT at larger batch sizes, on
 says for each finding whether the data reproduce it, with the numbers:
   (i)   ROME makes disabling edits, r-ROME none;
   (ii)  weight_l1 growth tracks the loss of earlier edits, and D4S keeps it bounded;
-  (iii) bigger batches lower the neighborhood score more than sequential batches;
+  (iii) bigger batches lower the neighborhood score more than the same edits in smaller sequential batches;
   (iv)  collapse cases have the subject as the prompt's first token.
 """
 from __future__ import annotations
@@ -50,6 +50,22 @@ def study_plan(size: StudySize) -> list[tuple[str, str, int]]:
     plan = [("rome", "rome", 1), ("r-rome", "r-rome", 1), ("memit", "memit", 1)]
     plan += [(f"memit-batch{b}", "memit", b) for b in size.batch_sizes if b > 1]
     return plan + [("d4s", "d4s", 1)]
+
+
+def study_layers(size: StudySize, hparams: dict[str, dict] | None = None) -> list[int]:
+    """Every layer an editor of ``study_plan`` edits (ROME's layer among them, which the risk scan reads)."""
+    editors = {editor for _, editor, _ in study_plan(size)}
+    return sorted({layer for e in editors for layer in get_editor(e, (hparams or {}).get(e, {})).layers()})
+
+
+def warm_statistics(model: nn.Module, tok: object, layers: list[int], stats_tokens: int = 100_000,
+                    cache: StatsCache | None = None, progress: bool = True) -> None:
+    """Compute the key statistics of every layer in ``layers`` in one pass over the packaged corpus, so the risk
+    scan and each run find theirs in ``cache`` (layer by layer) instead of running the corpus again."""
+    from .arch import arch_for
+
+    (cache or StatsCache()).get(model, tok, arch_for(model), layers, TextCorpus.packaged(), stats_tokens,
+                                progress=progress)
 
 
 def run_study(model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike,
@@ -130,6 +146,9 @@ def spearman_or_nan(pts: list[tuple[float, float]]) -> float:
     return spearmanr(*zip(*pts)).statistic if len(pts) >= 3 and np.ptp([p[1] for p in pts]) > 0 else np.nan
 
 
+FINDING_III = "(iii) bigger batches lower the neighborhood score more than the same edits in smaller sequential batches"
+
+
 def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
     """One row per finding: ``reproduced`` (True / False, or "cannot say" when the runs cannot decide) and the
     numbers."""
@@ -162,7 +181,7 @@ def study_findings(runs: dict[str, Run]) -> pd.DataFrame:
     memits = sorted((int(r.config.get("batch_size") or 1), r) for n, r in runs.items() if n.startswith("memit"))
     if len(memits) >= 2:
         nb = [(b, float(r.evals.dropna(subset=["neighborhood_score"])["neighborhood_score"].iloc[-1])) for b, r in memits]
-        rows.append({"finding": "(iii) bigger batches lower the neighborhood score more than sequential batches",
+        rows.append({"finding": FINDING_III,
                      "reproduced": bool(nb[-1][1] < nb[0][1]),
                      "evidence": "MEMIT neighborhood score at the end: " +
                                  ", ".join(f"batch {b}: {v:.3f}" for b, v in nb)})

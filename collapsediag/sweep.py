@@ -241,12 +241,37 @@ def sweep_table(path: str | os.PathLike) -> "pd.DataFrame":
     return df.sort_values(keys, kind="stable").reset_index(drop=True) if keys else df
 
 
-def expand_dirs(dirs: list[str]) -> list[str]:
-    """Run directories: a sweep directory (with ``sweep.json``) stands for the runs of its cells."""
-    out = []
+def _is_run(path: pathlib.Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _runs_inside(path: pathlib.Path) -> list[pathlib.Path]:
+    """The runs directly inside a folder, by name (none when it is not a folder)."""
+    return sorted(c for c in path.iterdir() if c.is_dir() and _is_run(c)) if path.is_dir() else []
+
+
+def run_dirs(dirs: list[str]) -> tuple[list[str], list[str]]:
+    """The run directories that ``dirs`` name, and one note per folder left out.
+
+    A run (with ``config.json``) stands for itself, a sweep directory (``sweep.json``) for the runs of its
+    cells, and a folder of runs (such as the demo's ``runs/demo``) for the runs directly inside it, by name
+    (its other folders, such as ``figures/``, are passed over). Anything else is left out with a note."""
+    out: list[str] = []
+    skipped: list[str] = []
     for d in dirs:
-        if (pathlib.Path(d) / "sweep.json").exists():
-            out += [str(r.path) for r in sweep_runs(d)[0]]
-        else:
+        p = pathlib.Path(d)
+        if _is_run(p):
             out.append(d)
-    return out
+        elif (p / "sweep.json").exists():
+            out += [str(r.path) for r in sweep_runs(d)[0]]
+        elif inner := _runs_inside(p):
+            out += [str(c) for c in inner]
+        else:
+            why = "no such folder" if not p.exists() else "no config.json, sweep.json or run folders inside"
+            skipped.append(f"{d}: not a collapsediag run ({why}), skipped")
+    return out, skipped
+
+
+def expand_dirs(dirs: list[str]) -> list[str]:
+    """The run directories of ``run_dirs`` (sweeps and folders of runs expanded, other folders left out)."""
+    return run_dirs(dirs)[0]

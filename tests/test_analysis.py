@@ -216,3 +216,17 @@ def test_a_collapse_that_levels_off_is_catastrophic_at_its_step(tmp_path):
     assert phases["gradual_slope"] == pytest.approx(-0.001, abs=5e-4) and phases["catastrophic_slope"] < -0.05
     flat = np.r_[1 - 0.001 * np.arange(24), 0.95 + rng.normal(0, 0.01, 16)]  # a small step is no collapse
     assert not forgetting_phases(synthetic_run(tmp_path / "f", retention=flat))["catastrophic"]
+
+
+def test_flags_show_the_number_compared_with_each_threshold(tmp_path):
+    from collapsediag.analysis import FLAG_COMPARED
+    from collapsediag.report import format_report
+
+    flags = flag_disabling_edits(rome_like_run(tmp_path / "r", planted=11))
+    norm = flags[flags["signal"] == "update_norm"]
+    assert (norm["value"] == 900.0).all() and (norm["compared"] > norm["threshold"]).all()  # z, not ‖ΔW‖_F
+    assert (norm["compared"] == norm["score"]).all() and (norm["compared"] < 100).all()
+    rest = flags[flags["signal"] != "update_norm"]
+    assert (rest["compared"] == rest["value"]).all() and set(flags["signal"]) <= set(FLAG_COMPARED)
+    text = format_report([load_run(tmp_path / "r")], fmt="markdown")
+    assert "| value | compared | threshold |" in text and "robust z of log ‖ΔW‖_F" in text

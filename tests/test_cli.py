@@ -9,7 +9,7 @@ import pytest
 
 from collapsediag import models
 from collapsediag.cli import build_parser, main, setup_logging
-from collapsediag.errors import ModelNotFoundError
+from collapsediag.errors import CollapseDiagError, ModelNotFoundError
 from collapsediag.progress import progress_bar, set_progress
 from collapsediag.report import readable, readable_cell
 from tests.conftest import make_model
@@ -171,3 +171,122 @@ def test_cache_kwargs_follow_the_forward_signature():
 
     assert cache_kwargs(New(), "c") == {"cache": "c", "use_cache": True}
     assert cache_kwargs(Old(), "c") == {"past_key_values": "c", "use_cache": True}
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory, tok):
+    """A folder laid out as the demo's runs/demo: two small runs (ROME, MEMIT), figures/ and scan.csv."""
+    from collapsediag import EditSession, get_editor
+    from collapsediag.arch import arch_for
+    from collapsediag.scan import write_scan
+    from collapsediag.stats import StatsCache, TextCorpus
+    from tests.conftest import corpus_texts
+    from tests.test_modes import FOUR
+    from tests.test_plots import _scan_frame
+
+    root = tmp_path_factory.mktemp("demo")
+    model = make_model("gpt2", len(tok))
+    stats = StatsCache(root / "stats").get(model, tok, arch_for(model), [1, 2],
+                                           TextCorpus.from_texts(corpus_texts(300)), n_tokens=4000, seq_len=32,
+                                           progress=False)
+    demo = root / "runs" / "demo"
+    common = dict(stats=stats, templates=["{}", "The city of music. {}"], eval_every=1, eval_texts=corpus_texts(2),
+                  generation_prompts=["The city"], generation_tokens=4, progress=False)
+    for name, editor, hp in (("rome", "rome", {"layer": 1, "v_num_grad_steps": 2}),
+                             ("memit", "memit", {"layers": [1, 2], "z_num_grad_steps": 2})):
+        s = EditSession(model, tok, get_editor(editor, hp), out=demo / name,
+                        config={"mode": "sequential", "batch_size": 1}, **common)
+        s.run(FOUR[:2], progress=False)
+        s.restore()
+    (demo / "figures").mkdir()
+    (demo / "figures" / "old.png").write_bytes(b"png")
+    write_scan(_scan_frame([0.5, 2.0, 9.0]), demo / "scan.csv")
+    return demo
+
+
+def test_find_runs_takes_runs_sweeps_and_folders_of_runs(demo_folder, tmp_path, capsys):
+    from collapsediag.cli import find_runs
+    from collapsediag.sweep import run_dirs
+
+    runs = [str(demo_folder / "memit"), str(demo_folder / "rome")]
+    assert run_dirs([str(demo_folder)]) == (runs, [])  # figures/ inside a folder of runs: passed over
+    found, skipped = run_dirs([str(demo_folder / "rome"), str(demo_folder / "figures"), str(tmp_path / "nope")])
+    assert found == [str(demo_folder / "rome")] and len(skipped) == 2
+    assert "figures: not a collapsediag run" in skipped[0] and "no such folder" in skipped[1]
+    assert find_runs([str(demo_folder), str(demo_folder / "figures")]) == runs
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(CollapseDiagError, match="no collapsediag run"):
+        find_runs([str(demo_folder / "figures")])
+
+
+def test_report_and_figures_take_the_demo_folder_as_the_readme_says(demo_folder, tmp_path, capsys):
+    assert main(["report", str(demo_folder)]) == 0
+    out, err = capsys.readouterr()
+    assert "Summary" in out and "rome " in out and "memit " in out and err == ""
+    assert max(map(len, out.splitlines())) <= 100  # wrapped within 100 columns
+    assert "too few checkpoints" in out and "can stay high while perplexity is high" in out
+    globbed = sorted(f"{p}/" for p in demo_folder.iterdir() if p.is_dir())  # runs/demo/*/ matches figures/
+    assert main(["figures", *globbed, "--out", str(tmp_path / "fig"), "--scan", str(demo_folder / "scan.csv")]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().count("\n") == 0 and "figures/: not a collapsediag run" in err
+    names = {p.name for p in (tmp_path / "fig").iterdir()}
+    assert {"norm_growth.png", "perplexity.png", "risk_scan.png"} <= names and len(out.splitlines()) == len(names)
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no collapsediag run in" in capsys.readouterr().err
+    assert main(["figures", str(demo_folder / "figures"), "--out", str(tmp_path / "f2")]) == 2
+
+
+def test_editor_help_gives_every_editors_default_layers():
+    from collapsediag.cli import editors_help
+    from collapsediag.editors import EDITORS
+
+    text = editors_help()
+    for name, cls in EDITORS.items():
+        hp = cls.HParams()
+        layers = getattr(hp, "layers", None) or [hp.layer]
+        assert f"{name} (" in text and " ".join(map(str, layers)) in text.split(f"{name} (")[1].split(")")[0]
+    assert "emmet (one or more layers, default layer 5 alone)" in text
+    assert "memit (one or more layers, default layers 3 4 5 6 7)" in text
+
+
+def test_quiet_weight_loading_hides_transformers_bars_unless_vv():
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from collapsediag.cli import quiet_weight_loading
+
+    hub_before = are_progress_bars_disabled()
+    try:
+        quiet_weight_loading(0)
+        assert not hf_logging.is_progress_bar_enabled()
+        assert are_progress_bars_disabled() == hub_before  # the Hub's download bars as they were
+        quiet_weight_loading(2)
+        assert hf_logging.is_progress_bar_enabled()
+        quiet_weight_loading(0, quiet=True)
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        (disable_progress_bars if hub_before else enable_progress_bars)()
+
+
+def test_text_table_wraps_long_cells_and_continues_wide_tables_within_100_columns():
+    import pandas as pd
+
+    from collapsediag.report import text_table, wrap_text
+
+    evidence = "edit 3 (own-risk-ice) perplexity x31.9, flagged by " + ", ".join(["update_norm"] * 30)
+    df = pd.DataFrame({"finding": ["(i) short", "(iii) bigger batches"], "reproduced": [True, "cannot say"],
+                       "evidence": [evidence, "batch 1: 0.875"]})
+    text = text_table(df)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100 and len(lines) > 3  # the evidence wrapped onto further lines
+    assert " ".join(text.split()).count("update_norm") == 30 and "yes" in lines[1]
+    wide = pd.DataFrame({f"column_{i}": [float(i) * 1000.5] for i in range(12)}).assign(run="rome")
+    wide = wide[["run"] + [c for c in wide.columns if c != "run"]]
+    blocks = text_table(wide, width=60).split("\n\n")
+    assert len(blocks) > 1 and all(b.startswith("run") for b in blocks)  # each block repeats the first column
+    assert all(len(line) <= 60 for line in "\n".join(blocks).splitlines())
+    assert text_table(pd.DataFrame()) == "(none)"
+    para = wrap_text("word " * 50, width=40, indent="  ")
+    assert max(map(len, para.splitlines())) <= 40 and para.splitlines()[1].startswith("  w")

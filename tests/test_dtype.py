@@ -34,10 +34,10 @@ def test_bf16_update_matches_fp32_within_bf16_precision(tok, env_for, tmp_path, 
     a = _edit(fp32, tok, env, name, hp)
     if name == "memit":
         fp_targets = {}
-        real = memit_module.target_for
+        real = memit_module.targets_for
         fp32_again = make_model("llama", len(tok))
-        monkeypatch.setattr(memit_module, "target_for", lambda m, t, r, e, mod, st: fp_targets.setdefault(
-            str(r.case_id), real(fp32_again, t, r, e, mod, st)))
+        monkeypatch.setattr(memit_module, "targets_for", lambda m, t, rs, e, mod, st, batched=True: [
+            fp_targets.setdefault(str(r.case_id), real(fp32_again, t, [r], e, mod, st)[0]) for r in rs])
     b = _edit(bf16, tok, env, name, hp)
     from collapsediag.arch import get_module, weight_matrix
 

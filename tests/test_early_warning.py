@@ -136,3 +136,58 @@ def test_plot_warnings_marks_the_first_warning_the_collapse_warning_and_the_onse
     lead = warning_lead(run)
     assert lines == {f"first warning ({lead['first_signal']})": lead["first_warning"] + 1,
                      "warning in the collapse (update_ratio)": 86, "catastrophic onset": 90}
+
+
+def test_collapse_phases_say_too_few_checkpoints_on_short_runs(tmp_path):
+    from collapsediag.analysis import MIN_CHECKPOINTS, TOO_FEW, collapse_phases, forgetting_phases
+
+    short = collapse_phases(norm_run(tmp_path / "short", growth=0.0, n=30, spike=12))  # 3 checkpoints
+    assert short["checkpoints"] == 3 < MIN_CHECKPOINTS
+    assert {short[k] for k in ("onset", "catastrophic", "lead", "collapse_lead", "false_alarm")} == {TOO_FEW}
+    assert short["first_warning"] == 12 and short["first_signal"] == "update_ratio"  # the warning is still told
+    long = norm_run(tmp_path / "long", growth=0.0, onset=89, spike=85)  # 12 checkpoints: a verdict
+    got = collapse_phases(long)
+    assert (got["onset"], got["catastrophic"], got["collapse_lead"]) == (89, True, 4)
+    assert got["onset"] == forgetting_phases(long)["onset"] and got["lead"] == warning_lead(long)["lead"]
+    assert collapse_phases(long, min_checkpoints=13)["onset"] == TOO_FEW
+
+
+def test_a_disabling_edit_is_a_collapse_at_that_edit(tmp_path):
+    from collapsediag.analysis import collapse_phases
+    from tests.test_analysis import rome_like_run
+
+    got = collapse_phases(rome_like_run(tmp_path / "r", planted=11))  # perplexity x6 right after edit 11
+    assert (got["onset"], got["catastrophic"], got["shape"]) == (11, True, "disabling edit")
+    assert (got["collapse_warning"], got["collapse_signal"], got["collapse_lead"]) == (11, "update_ratio", 0)
+    assert got["last_gradual"] == 10 and got["false_alarm"] is False
+
+
+def test_report_phases_table_and_its_notes(tmp_path):
+    from collapsediag.analysis import RETENTION_NOTE, TOO_FEW
+    from collapsediag.report import PHASE_COLUMNS, format_report, phases_table
+    from tests.test_analysis import rome_like_run
+
+    runs = [rome_like_run(tmp_path / "rome", planted=11), norm_run(tmp_path / "short", growth=0.0, n=30)]
+    table = phases_table(runs)
+    assert list(table.columns) == [c for c in PHASE_COLUMNS if c in table.columns]  # in PHASE_COLUMNS order
+    assert table["onset"].tolist() == [11, TOO_FEW] and table["shape"].iloc[0] == "disabling edit"
+    for fmt in ("text", "markdown"):
+        text = " ".join(format_report(runs, fmt=fmt).split())
+        assert RETENTION_NOTE in text and "too few checkpoints" in text
+
+
+def test_plot_warnings_marks_a_disabling_edit_and_nothing_on_a_short_run(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from collapsediag.plots import plot_warnings
+    from tests.test_analysis import rome_like_run
+
+    rome = rome_like_run(tmp_path / "r", planted=11)
+    RunWriter(rome.path).rewrite("evals", rome.evals.assign(retention=1.0))  # retention stays high as it breaks
+    (ax,) = plot_warnings(load_run(rome.path))
+    labels = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines() if line.get_label()[0] != "_"}
+    assert labels["disabling edit"] == 12  # edit 11: 12 edits applied
+    (short,) = plot_warnings(norm_run(tmp_path / "short", growth=0.0, n=30, spike=12))
+    assert [line.get_label() for line in short.get_lines() if line.get_label()[0] != "_"] == [
+        "first warning (update_ratio)"]

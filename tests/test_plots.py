@@ -56,8 +56,10 @@ RECORDS = [dict(r, paraphrase_prompts=["Because you said so. " + r["prompt"]],
                 neighborhood_prompts=["Madrid is a citizen of", "The mother tongue of Lyon is"]) for r in FOUR]
 
 PLOTS = [plots.plot_norm_growth, plots.plot_forgetting, plots.plot_denominator_vs_norm, plots.plot_key_stats,
-         plots.plot_batch_neighborhood, plots.plot_perplexity, plots.plot_norm_comparison]
-MULTI_PANEL = {plots.plot_forgetting, plots.plot_denominator_vs_norm, plots.plot_perplexity, plots.plot_norm_comparison}
+         plots.plot_batch_neighborhood, plots.plot_perplexity, plots.plot_norm_comparison,
+         plots.plot_norm_growth_by_family]
+MULTI_PANEL = {plots.plot_forgetting, plots.plot_denominator_vs_norm, plots.plot_perplexity, plots.plot_norm_comparison,
+               plots.plot_norm_growth_by_family}
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +128,36 @@ def test_edit_axes_show_integers(two_runs):
         assert isinstance(loc, MaxNLocator) and loc._integer, a.get_ylabel()
         ticks = [t for t in a.get_xticks() if a.get_xlim()[0] <= t <= a.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_every_edit_axis_counts_edits_applied_from_0(two_runs):
+    assert plots.edits_applied([-1, 0, 4]).tolist() == [0, 1, 5]
+    rome = two_runs[0]
+    axes = [plots.plot_norm_growth(two_runs), *plots.plot_forgetting(two_runs), *plots.plot_perplexity(two_runs),
+            *plots.plot_spectral(two_runs), *plots.plot_norm_growth_by_family(two_runs)]
+    for a in axes:
+        assert a.get_xlim()[0] == 0 and a.get_xlabel() in ("edits applied", ""), a.get_ylabel()
+    assert axes[-1].get_xlabel() == "edits applied"
+    ppl = _data_lines(plots.plot_perplexity(two_runs)[0])[0]  # the unedited model's checkpoint at 0
+    assert list(ppl.get_xdata()) == plots.edits_applied(rome.evals["edit_index"]).tolist() and ppl.get_xdata()[0] == 0
+    ret = _data_lines(plots.plot_forgetting(two_runs)[0])[0]
+    checkpoints = rome.evals["edit_index"][rome.evals["edit_index"] >= 0]
+    assert list(ret.get_xdata()) == plots.edits_applied(checkpoints).tolist()
+
+
+def test_norm_growth_by_family_gives_the_memit_family_its_own_scale(two_runs):
+    rome, memit = two_runs
+    assert [plots.editor_family(r) for r in two_runs] == ["ROME family", "MEMIT family"]
+    top, bottom = plots.plot_norm_growth_by_family(two_runs)
+    assert top.get_title(loc="left") == "ROME family: rome" and bottom.get_title(loc="left") == "MEMIT family: memit"
+    assert len(_data_lines(top)) == 1 and len(_data_lines(bottom)) == 2  # memit's two layers
+    lo, hi = bottom.get_ylim()
+    ys = np.concatenate([line.get_ydata() for line in _data_lines(bottom)])
+    assert lo <= ys.min() and ys.max() <= hi and (hi - lo) < 10 * np.ptp(ys) + 1e-12  # scaled to memit alone
+    alone = _data_lines(plots.plot_norm_growth(two_runs))  # colours as in the one-panel figure
+    assert _data_lines(top)[0].get_color() == alone[0].get_color()
+    assert _data_lines(bottom)[0].get_color() == alone[1].get_color()
+    assert len(plots.plot_norm_growth_by_family([memit])) == 1
 
 
 def test_norm_growth_overlays_every_layer_of_every_run(two_runs):

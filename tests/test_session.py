@@ -100,14 +100,14 @@ def test_failed_edit_leaves_weights_untouched(tiny, env_for, tmp_path, monkeypat
     s = _session(model, tok, env_for, tmp_path)
     s.edit(GOOD[0])
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    real = target.optimise_target
+    real = target.optimise_targets
 
     def poisoned(*a, **k):
         res = real(*a, **k)
-        res.delta[0] = float("nan")
+        res[0].delta[0] = float("nan")
         return res
 
-    monkeypatch.setattr(target, "optimise_target", poisoned)
+    monkeypatch.setattr(target, "optimise_targets", poisoned)
     row = s.edit(GOOD[1])
     assert row["status"] != "ok" and "non-finite" in row["status"]
     for n, p in model.state_dict().items():

@@ -33,6 +33,7 @@ def test_study_runs_and_findings(tok, tmp_path):
     findings = study_findings(runs)
     assert len(findings) == 4 and findings["finding"].str.startswith(("(i)", "(ii)", "(iii)", "(iv)")).all()
     assert findings["evidence"].str.len().gt(20).all()
+    assert "than the same edits in smaller sequential batches" in findings["finding"].iloc[2]  # as the README
     nb = findings.loc[findings["finding"].str.startswith("(iii)"), "evidence"].iloc[0]
     assert "batch 1:" in nb and "batch 4:" in nb
     assert isinstance(findings, pd.DataFrame)
@@ -55,6 +56,8 @@ def test_demo_command_writes_runs_figures_and_findings(tok, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Findings (small study, 4 edits per run" in out and "(iii)" in out
     assert "Risk scan of the" in out and "risk_rank" in out
+    assert all(len(line) <= 100 for line in out.splitlines() if str(tmp_path) not in line)  # printed tables wrap
+    assert "| finding | reproduced | evidence |" not in out  # a text table; findings.md keeps the markdown
     from collapsediag.scan import read_scan
 
     risk = read_scan(tmp_path / "runs" / "scan.csv")
@@ -66,6 +69,27 @@ def test_demo_command_writes_runs_figures_and_findings(tok, tmp_path, capsys):
         "d4s", "figures", "memit", "memit-batch4", "r-rome", "rome"]
     fig = tmp_path / "runs" / "figures"  # under --out by default: the clone's figures/ is left alone
     assert (fig / "norm_growth.png").exists() and (fig / "batch_neighborhood.pdf").exists()
+    assert (tmp_path / "runs" / "findings.md").read_text().startswith("| finding | reproduced | evidence |")
     findings = pd.read_csv(tmp_path / "runs" / "findings.csv")
     assert len(findings) == 4
     assert main(["demo", "--hparams", "[1, 2]", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_study_layers_and_one_statistics_pass_for_all(tok, tmp_path, monkeypatch):
+    import torch
+
+    from collapsediag import stats as stats_mod
+    from collapsediag.arch import arch_for
+    from collapsediag.stats import StatsCache, TextCorpus
+    from collapsediag.study import study_layers, warm_statistics
+
+    assert study_layers(SIZES["small"]) == [3, 4, 5, 6, 7]  # ROME's 5 lies inside MEMIT's 3–7
+    assert study_layers(SIZES["small"], {"rome": {"layer": 9}}) == [3, 4, 5, 6, 7, 9]
+    model = make_model("llama", len(tok))
+    warm_statistics(model, tok, [1, 2], stats_tokens=1000, cache=StatsCache(tmp_path / "a"), progress=False)
+    alone = StatsCache(tmp_path / "b").get(model, tok, arch_for(model), [1], TextCorpus.packaged(), 1000,
+                                          progress=False)
+    monkeypatch.setattr(stats_mod, "compute_second_moments", lambda *a, **k: 1 / 0)  # a second pass would fail
+    got = StatsCache(tmp_path / "a").get(model, tok, arch_for(model), [1], TextCorpus.packaged(), 1000,
+                                        progress=False)
+    assert torch.allclose(got[1].mom2, alone[1].mom2, rtol=1e-6) and got[1].count == alone[1].count

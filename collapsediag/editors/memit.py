@@ -58,7 +58,10 @@ class MemitHParams(BatchHParams):
 
 @dataclass
 class EmmetHParams(BatchHParams):
-    """EMMET hyper-parameters: λ_m scales C, μ is a ridge on C', ε the ridge on D for batches."""
+    """EMMET hyper-parameters: λ_m scales C, μ is a ridge on C', ε the ridge on D for batches.
+
+    Unlike MEMIT and its other descendants (layers 3-7), EMMET edits layer 5 alone by default: the long
+    study's EMMET runs were made so; ``--layers 3 4 5 6 7`` gives it MEMIT's layers."""
 
     layers: list[int] = field(default_factory=lambda: [5])
     mom2_update_weight: float = 1.0
