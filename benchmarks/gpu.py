@@ -51,6 +51,37 @@ def config(shape: str, small: bool):
 LAYERS = {"gpt2-xl": ([17], [13, 14, 15, 16, 17]), "llama3-8b": ([5], [4, 5, 6, 7, 8])}
 
 
+def batch_targets(model, tok, layers: list[int], args: argparse.Namespace, cuda: bool, shape: str,
+                  dtype: str) -> None:
+    """One MEMIT update of ``args.batch`` edits from the same weights, its targets optimised one request at a
+    time and then together (``batch_target``): prints edits per second of each and their ratio."""
+    records = [dict(r, case_id=f"{r['case_id']}-{i}") for i in range(args.batch // len(RECORDS) + 1)
+               for r in RECORDS][:args.batch]
+    seconds = {}
+    for batched in (False, True):
+        editor = get_editor("memit", {"layers": layers, "z_num_grad_steps": args.steps, "batch_target": batched})
+        stats = StatsCache(pathlib.Path("runs/gpu_stats")).get(
+            model, tok, arch_for(model), editor.layers(), TextCorpus.from_texts(corpus_texts(200)),
+            n_tokens=4096, seq_len=128, progress=False)
+        s = EditSession(model, tok, editor, stats=stats, templates=["{}", "The city of music. {}"], progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        s.run(records, batch_size=len(records), progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds[batched] = time.perf_counter() - t0
+        s.restore()
+        print(json.dumps({"shape": shape + ("-small" if args.small else ""), "dtype": dtype, "editor": "memit",
+                          "batch": len(records), "batch_target": batched,
+                          "edits_per_second": round(len(records) / seconds[batched], 4),
+                          "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda
+                          else None}), flush=True)
+    print(json.dumps({"shape": shape, "dtype": dtype, "batch": len(records),
+                      "batched_speedup": round(seconds[False] / seconds[True], 3)}), flush=True)
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +92,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--edits", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16, help="MEMIT batch for one-at-a-time vs batched targets (0: off)")
     args = ap.parse_args()
     tok = build_tokenizer()
     cuda = args.device.startswith("cuda")
@@ -101,6 +133,8 @@ def main() -> None:
                     "edits_per_second": round(len(rows) / seconds, 4),
                     "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}),
                     flush=True)
+            if args.batch:
+                batch_targets(model, tok, many, args, cuda, shape, dtype)
             del model
             if cuda:
                 torch.cuda.empty_cache()
