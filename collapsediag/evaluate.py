@@ -162,17 +162,47 @@ def success_share(p_new: np.ndarray, p_true: np.ndarray, new_wins: bool = True) 
 
 def request_probs(model: nn.Module, tok: object, req: EditRequest) -> tuple[float, float]:
     """(p of target_new, p of target_true) on the request's prompt; p_true is NaN without a true target."""
-    targets = [req.target_new] + ([req.target_true] if req.target_true else [])
-    p = target_probs(model, tok, [req.text] * len(targets), targets)
-    return float(p[0]), float(p[1]) if len(p) > 1 else float("nan")
+    return requests_probs(model, tok, [req])[0]
+
+
+def requests_probs(model: nn.Module, tok: object, reqs: list[EditRequest]) -> list[tuple[float, float]]:
+    """``request_probs`` of every request, their prompts scored together (``target_probs`` batches them)."""
+    texts, targets = [], []
+    for r in reqs:
+        for t in [r.target_new] + ([r.target_true] if r.target_true else []):
+            texts.append(r.text)
+            targets.append(t)
+    p = iter(target_probs(model, tok, texts, targets) if texts else [])
+    return [(float(next(p)), float(next(p)) if r.target_true else float("nan")) for r in reqs]
 
 
 def request_scores(model: nn.Module, tok: object, req: EditRequest) -> dict[str, float]:
     """CounterFact's paraphrase score (share with p_new > p_true) and neighborhood score (p_true > p_new);
     NaN where the request has no such prompts or no true target."""
-    out = {"paraphrase_score": float("nan"), "neighborhood_score": float("nan")}
-    if not req.target_true:
-        return out
+    return requests_scores(model, tok, [req])[0]
+
+
+def requests_scores(model: nn.Module, tok: object, reqs: list[EditRequest]) -> list[dict[str, float]]:
+    """``request_scores`` of every request, all their prompts scored together."""
+    texts, targets, parts = [], [], []
+    for r in reqs:
+        spans = {}
+        for key, prompts in (("paraphrase_score", r.paraphrase_prompts), ("neighborhood_score", r.neighborhood_prompts)):
+            if not r.target_true or not prompts:
+                continue
+            filled = [p.format(r.subject) if "{}" in p else p for p in prompts]
+            spans[key] = (len(texts), len(filled))
+            texts += filled * 2
+            targets += [r.target_new] * len(filled) + [r.target_true] * len(filled)
+        parts.append(spans)
+    p = target_probs(model, tok, texts, targets) if texts else np.empty(0)
+    out = []
+    for spans in parts:
+        row = {"paraphrase_score": float("nan"), "neighborhood_score": float("nan")}
+        for key, (a, n) in spans.items():
+            row[key] = success_share(p[a:a + n], p[a + n:a + 2 * n], key == "paraphrase_score")
+        out.append(row)
+    return out
     for key, prompts, new_wins in (("paraphrase_score", req.paraphrase_prompts, True),
                                    ("neighborhood_score", req.neighborhood_prompts, False)):
         if not prompts:

@@ -25,7 +25,7 @@ from .editors.base import EditEnv
 from .editors.context import generate_templates
 from .editors.target import TargetCache
 from .errors import CollapseDiagError, ModeError
-from .evaluate import request_probs, request_scores
+from .evaluate import requests_probs, requests_scores
 from .fluency import GENERATION_PROMPTS, heldout_texts
 from .models import model_fingerprint, model_name
 from .progress import progress_bar
@@ -204,11 +204,12 @@ class EditSession:
                 span = subject_span(self.tok, req.prompt, req.subject, req.case_id)
                 row["subject_first_token"] = span.first == first_content_index(self.tok, req.text)
                 row["subject_last_piece"] = span.last_piece
-                row.update(self._probs(req, "before"))
                 todo.append((row, req))
             except (CollapseDiagError, ValueError, RuntimeError) as exc:
                 self._fail(row, exc, record, start + j)
             rows.append(row)
+        for (row, _), probs in zip(todo, self._probs([q for _, q in todo], "before")):
+            row.update(probs)
         rec: Recorder = Recorder() if self.diagnostics else NullRecorder()
         deltas: list[Delta] = []
         layer_rows: list[dict[str, Any]] = []
@@ -221,12 +222,10 @@ class EditSession:
                 if bad:
                     raise CollapseDiagError(f"non-finite update for {bad}; weights left untouched")
                 applied = apply_deltas(self.model, deltas)
-                after = []
-                for _, req in todo:
-                    res = self._probs(req, "after")
+                after = self._probs([q for _, q in todo], "after")
+                for res, scores in zip(after, requests_scores(self.model, self.tok, [q for _, q in todo])):
                     res["efficacy"] = bool(res["p_new_after"] > res["p_true_after"])
-                    res.update(request_scores(self.model, self.tok, req))
-                    after.append(res)
+                    res.update(scores)
                 due = bool(self.eval_every) and start // self.eval_every != (start + len(records)) // self.eval_every
                 layer_rows = self._layer_rows(start + len(records) - 1, batch, deltas, rec, due) \
                     if self.diagnostics else []
@@ -352,9 +351,10 @@ class EditSession:
                 weight_matrix(get_module(self.model, self.arch.rewrite_name(layer))).copy_(w0)
         self.editor.reset()
 
-    def _probs(self, req: EditRequest, when: str) -> dict[str, float]:
-        p_new, p_true = request_probs(self.model, self.tok, req)
-        return {f"p_new_{when}": p_new, f"p_true_{when}": p_true}
+    def _probs(self, reqs: list[EditRequest], when: str) -> list[dict[str, float]]:
+        """p(target_new) and p(target_true) of each request's prompt, ``when`` = before / after, scored together."""
+        return [{f"p_new_{when}": p_new, f"p_true_{when}": p_true}
+                for p_new, p_true in requests_probs(self.model, self.tok, reqs)]
 
     def _layer_rows(self, index: int, batch: int, deltas: list[Delta], rec: Recorder,
                     checkpoint: bool = False) -> list[dict[str, Any]]:

@@ -81,7 +81,7 @@ class Watcher(EditSession):
     def begin(self, record: dict[str, Any] | EditRequest) -> None:
         """Optional, before an edit: record p(target_new) and p(target_true) on the unedited weights."""
         req = _as_request(record, self.n_edits)
-        self._before[str(req.case_id)] = self._probs(req, "before")
+        self._before[str(req.case_id)] = self._probs([req], "before")[0]
 
     def step(self, record: dict[str, Any] | EditRequest) -> dict[str, Any]:
         """Record the edit just made for ``record``: its ``edits`` row and one ``layers`` row per watched layer."""
@@ -114,7 +114,7 @@ class Watcher(EditSession):
                             key_cosine=float(torch.nn.functional.cosine_similarity(k_u, k_bar, dim=0)))
             logged.log(layer=layer, **info)
             self._prev[layer] = w.clone()
-        res = self._probs(req, "after")
+        res = self._probs([req], "after")[0]
         res["efficacy"] = bool(res["p_new_after"] > res["p_true_after"])
         from .evaluate import request_scores
 

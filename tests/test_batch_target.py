@@ -112,3 +112,17 @@ def test_cache_reuses_targets_of_a_batch(tok):
     again = cache.get_many(model, tok, MORE[:3], TEMPLATES, arch.block_name(1), settings, arch)
     assert (cache.hits, cache.misses) == (2, 3)
     assert again[0] is first[0] and again[1] is first[1]
+
+
+def test_keys_of_a_batch_equal_each_requests_keys(tok, monkeypatch):
+    from collapsediag.editors import keys as keys_mod
+
+    model = make_model("llama", len(tok))
+    module = arch_for(model).rewrite_name(1)
+    alone = [keys_mod.keys_at_subject(model, tok, module, r, TEMPLATES) for r in MORE]
+    monkeypatch.setattr(keys_mod, "ROWS_PER_FORWARD", 5)  # rows of one request in two forwards
+    together = keys_mod.keys_at_subjects(model, tok, module, MORE, TEMPLATES)
+    for a, b in zip(alone, together):
+        assert b.keys.shape == (len(TEMPLATES), a.keys.shape[1])
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert not torch.allclose(together[0].keys, together[1].keys)

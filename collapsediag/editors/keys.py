@@ -47,18 +47,34 @@ def subject_prompts(req: EditRequest, templates: list[str]) -> list[str]:
 def keys_at_subject(model: nn.Module, tok: object, module: str, req: EditRequest,
                     templates: list[str]) -> KeySet:
     """One batched forward over every template; returns the module's input/output at the subject."""
+    return keys_at_subjects(model, tok, module, [req], templates)[0]
+
+
+ROWS_PER_FORWARD = 128  # prompt rows per forward when the keys of a batch of requests are read together
+
+
+def keys_at_subjects(model: nn.Module, tok: object, module: str, reqs: list[EditRequest],
+                     templates: list[str]) -> list[KeySet]:
+    """The ``KeySet`` of every request, the prompts of all requests under every template read together in
+    forwards of at most ``ROWS_PER_FORWARD`` rows (each stops at ``module``)."""
     device = next(model.parameters()).device
-    prompts = subject_prompts(req, templates)
     seqs, idx = [], []
-    for p in prompts:
-        seqs.append(encode(tok, p.format(req.subject)))
-        idx.append(subject_span(tok, p, req.subject, req.case_id).last)
-    ids, mask = pad_batch(tok, seqs, device)
-    rows = torch.arange(len(seqs), device=device)
-    cols = torch.tensor(idx, device=device)
-    with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=True, stop=True) as tr:
-        model(input_ids=ids, attention_mask=mask)
-    return KeySet(keys=tr.input[rows, cols].clone(), values=tr.output[rows, cols].clone())
+    for req in reqs:
+        for p in subject_prompts(req, templates):
+            seqs.append(encode(tok, p.format(req.subject)))
+            idx.append(subject_span(tok, p, req.subject, req.case_id).last)
+    keys, values = [], []
+    for a in range(0, len(seqs), ROWS_PER_FORWARD):
+        ids, mask = pad_batch(tok, seqs[a:a + ROWS_PER_FORWARD], device)
+        rows = torch.arange(len(ids), device=device)
+        cols = torch.tensor(idx[a:a + ROWS_PER_FORWARD], device=device)
+        with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=True, stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask)
+        keys.append(tr.input[rows, cols].clone())
+        values.append(tr.output[rows, cols].clone())
+    keys_t, values_t = torch.cat(keys), torch.cat(values)
+    n = len(templates)
+    return [KeySet(keys=keys_t[q * n:(q + 1) * n], values=values_t[q * n:(q + 1) * n]) for q in range(len(reqs))]
 
 
 def outputs_at_subject(model: nn.Module, tok: object, module: str, reqs: list[EditRequest]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..linalg import condition_of, diag_lowrank_condition, spd_condition
 from ..recorder import Recorder
 from ..requests import EditRequest
 from .base import AppliedDeltas, Delta, EditEnv, EditorBase, HParams, apply_deltas
-from .keys import keys_at_subject, outputs_at_subject
+from .keys import keys_at_subjects, outputs_at_subject
 from .target import TargetSettings, mpes_count, target_signals, targets_for
 
 
@@ -166,8 +166,8 @@ class Memit(EditorBase):
         try:
             for i, layer in enumerate(layers):
                 name = env.arch.rewrite_name(layer)
-                keys = torch.stack([keys_at_subject(model, tok, name, r, env.templates).mixed
-                                    for r in requests]).double().T  # [d_in, n]
+                keys = torch.stack([ks.mixed for ks in keys_at_subjects(model, tok, name, requests, env.templates)]
+                                   ).double().T  # [d_in, n]
                 h = h_once if h_once is not None else outputs_at_subject(model, tok, block, requests).double()
                 # [d_out, n], on this layer's device (under device_map, block L may sit on another one)
                 resid = (z.to(h.device) - h).T.to(keys.device) / (len(layers) - i)
