@@ -1,7 +1,7 @@
 """Sequential ROME, r-ROME and MEMIT edits on randomly initialised models of GPT-2 XL and Llama-3-8B shape.
 
 Random weights cost the same time as trained ones, so no weights need to be brought to the machine: the models
-are built from configs on the device, the tokenizer is the tests' (built locally; the model's vocabulary is
+are built from configs on the device, the tokenizer is collapsediag.testing's (built locally; the model's vocabulary is
 larger, its extra rows are never used). Every edit runs a fixed number of target steps (no early stop: the loss
 of a random model never gets near the 0.05 threshold, and MPES is off). Prints one JSON line per
 (model, dtype, editor): edits per second and the peak GPU memory.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from collapsediag import EditSession, arch_for, get_editor  # noqa: E402
 from collapsediag.stats import StatsCache, TextCorpus  # noqa: E402
-from tests.conftest import build_tokenizer, corpus_texts  # noqa: E402
+from collapsediag.testing import build_tokenizer, corpus_texts  # noqa: E402
 
 RECORDS = [{"case_id": str(i), "subject": s, "prompt": p, "target_new": n, "target_true": t}
            for i, (s, p, n, t) in enumerate([

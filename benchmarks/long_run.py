@@ -9,7 +9,7 @@ Prints one JSON object:
   rss_ratio            peak RSS at the end against peak RSS after edit 100 (goal ≤ 1.2)
   model_at_seconds     rebuilding the model at the last edit (nearest snapshot + the updates after it)
 and the per-chunk seconds. The records are the 10,000 CounterFact edits of ../shared/data/counterfact_mend
-(EasyEdit schema); the tokenizer and model are the tests' (built locally, random weights).
+(EasyEdit schema); the tokenizer is collapsediag.testing's (built locally), the model random.
 
 Run alone (no other heavy job): python benchmarks/long_run.py [--n 10000] [--out runs/long]
 """
@@ -31,7 +31,7 @@ from collapsediag import EditSession, load_run  # noqa: E402
 from collapsediag.data import load_data  # noqa: E402
 from collapsediag.editors import get_editor  # noqa: E402
 from collapsediag.stats import StatsCache, TextCorpus  # noqa: E402
-from tests.conftest import build_tokenizer, corpus_texts  # noqa: E402
+from collapsediag.testing import build_tokenizer, corpus_texts  # noqa: E402
 
 DATA = "counterfact:" + str(pathlib.Path(__file__).resolve().parents[2] / "shared/data/counterfact_mend/counterfact-edit.json")
 
