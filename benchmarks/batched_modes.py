@@ -20,7 +20,7 @@ from collapsediag import EditSession, load_model, load_run
 from collapsediag.data import load_data
 from collapsediag.editors import get_editor
 from collapsediag.editors.target import TargetCache
-from collapsediag.evaluate import request_probs, request_scores
+from collapsediag.signals.evaluate import request_probs, request_scores
 from collapsediag.requests import EditRequest
 
 

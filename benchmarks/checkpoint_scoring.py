@@ -15,9 +15,9 @@ import statistics
 import time
 
 from collapsediag import load_model
-from collapsediag.checkpoints import scored_prompts
+from collapsediag.runs.checkpoints import scored_prompts
 from collapsediag.data import load_data
-from collapsediag.evaluate import target_probs
+from collapsediag.signals.evaluate import target_probs
 from collapsediag.requests import EditRequest
 from collapsediag.tokens import continuation, encode, target_ids
 

@@ -25,11 +25,11 @@ from scipy.stats import spearmanr
 
 from collapsediag.analysis import COLLAPSE_RATIO, flag_disabling_edits, flag_scores
 from collapsediag.data import load_counterfact
-from collapsediag.fluency import heldout_texts
+from collapsediag.signals.fluency import heldout_texts
 from collapsediag.models import load_model
-from collapsediag.scan import read_scan, scan, write_scan
-from collapsediag.store import load_run
-from collapsediag.validate import edit_each_alone
+from collapsediag.signals.scan import read_scan, scan, write_scan
+from collapsediag.runs.store import load_run
+from collapsediag.experiments.alone import edit_each_alone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "counterfact.json"

@@ -20,8 +20,8 @@ import time
 import torch
 
 from collapsediag import load_model
-from collapsediag.downstream import builtin_tasks, load_tasks
-from collapsediag.downstream_score import (encoded, is_informative, max_length, score_task, token_counts,
+from collapsediag.signals.downstream import builtin_tasks, load_tasks
+from collapsediag.signals.downstream_score import (encoded, is_informative, max_length, score_task, token_counts,
                                            wilson_interval)
 
 

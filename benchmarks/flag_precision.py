@@ -15,13 +15,13 @@ import json
 import pathlib
 import time
 
-from collapsediag.analysis import confirm_disabling_edits, flag_disabling_edits, flag_scores
+from collapsediag.analysis import flag_disabling_edits, flag_scores
 from collapsediag.data import load_data
 from collapsediag.editors import get_editor
-from collapsediag.fluency import GENERATION_PROMPTS, heldout_texts
+from collapsediag.signals.fluency import GENERATION_PROMPTS, heldout_texts
 from collapsediag.models import load_model
-from collapsediag.session import EditSession
-from collapsediag.store import load_run
+from collapsediag.runs.session import EditSession
+from collapsediag.runs.store import load_run
 
 
 def main() -> None:

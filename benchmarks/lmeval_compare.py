@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from collapsediag import load_model  # noqa: E402
-from collapsediag.downstream import Task, builtin_tasks, load_tasks  # noqa: E402
-from collapsediag.downstream_score import answer_logprobs  # noqa: E402
+from collapsediag.signals.downstream import Task, builtin_tasks, load_tasks  # noqa: E402
+from collapsediag.signals.downstream_score import answer_logprobs  # noqa: E402
 
 YAML = """task: {task}
 dataset_path: json

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from collapsediag import arch_for, load_model
-from collapsediag.published import published_stats
+from collapsediag.editors.published import published_stats
 from collapsediag.stats import StatsCache, TextCorpus
 
 

@@ -11,7 +11,7 @@ import pathlib
 import tempfile
 
 from collapsediag.cli import main as cli
-from collapsediag.store import load_run
+from collapsediag.runs.store import load_run
 
 
 def summarise(path: pathlib.Path) -> dict:

@@ -27,16 +27,16 @@ from typing import Callable
 import torch
 
 from collapsediag.arch import arch_for
-from collapsediag.checkpoints import scored_prompts
+from collapsediag.runs.checkpoints import scored_prompts
 from collapsediag.data import load_data
 from collapsediag.editors import get_editor
 from collapsediag.editors import target as target_mod
 from collapsediag.editors.context import generate_templates
 from collapsediag.editors.target import optimise_target, target_batch
-from collapsediag.evaluate import target_probs
+from collapsediag.signals.evaluate import target_probs
 from collapsediag.models import load_model
 from collapsediag.requests import EditRequest
-from collapsediag.session import EditSession
+from collapsediag.runs.session import EditSession
 from collapsediag.stats import StatsCache, TextCorpus, compute_second_moments, token_chunks
 from collapsediag.tokens import continuation, encode, pad_batch, target_ids
 

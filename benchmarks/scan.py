@@ -25,7 +25,7 @@ from collapsediag.arch import arch_for
 from collapsediag.data import load_counterfact
 from collapsediag.editors.context import DEFAULT_LENGTHS, generate_templates
 from collapsediag.models import load_model
-from collapsediag.scan import scan, write_scan
+from collapsediag.signals.scan import scan, write_scan
 from collapsediag.stats import StatsCache, TextCorpus
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact.json"

@@ -20,8 +20,8 @@ import numpy as np
 from collapsediag import EditSession, load_model
 from collapsediag.data import load_data
 from collapsediag.editors import get_editor
-from collapsediag.session import EditSession as Session
-from collapsediag.spectral import SpectralTracker
+from collapsediag.runs.session import EditSession as Session
+from collapsediag.signals.spectral import SpectralTracker
 
 
 def main() -> None:

@@ -1,18 +1,22 @@
-"""collapsediag: why and when a language model breaks while its knowledge is edited."""
+"""collapsediag: why and when a language model breaks while its knowledge is edited.
+
+The layout (docs/ARCHITECTURE.md): a flat core (arch, hooks, forward, tokens, linalg, models, requests, recorder,
+stats, checks), then ``editors``, ``signals``, ``runs``, ``analysis``, ``plots``, ``experiments`` and ``cli``,
+each importing only the ones before it.
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .arch import ArchSpec, arch_for  # noqa: E402
-from .editors import EDITORS, Delta, apply_deltas, get_editor  # noqa: E402
-from .errors import CollapseDiagError, EditError, ModelNotFoundError, RecordError  # noqa: E402
-from .models import load_model  # noqa: E402
-from .requests import EditRequest  # noqa: E402
-from .scan import read_scan, scan, write_scan  # noqa: E402
-from .session import EditSession  # noqa: E402
-from .stats import LayerStats, StatsCache, TextCorpus  # noqa: E402
-from .store import Run, load_run  # noqa: E402
-from .watch import watch  # noqa: E402
+from ._version import __version__
+from .arch import ArchSpec, arch_for
+from .editors import EDITORS, Delta, apply_deltas, get_editor
+from .errors import CollapseDiagError, EditError, ModelNotFoundError, RecordError
+from .models import load_model
+from .requests import EditRequest
+from .runs.session import EditSession
+from .runs.store import Run, load_run
+from .runs.watch import watch
+from .signals.scan import read_scan, scan, write_scan
+from .stats import LayerStats, StatsCache, TextCorpus
 
 __all__ = ["ArchSpec", "CollapseDiagError", "Delta", "EDITORS", "EditError", "EditRequest", "EditSession",
            "LayerStats", "ModelNotFoundError", "RecordError", "Run", "StatsCache", "TextCorpus", "__version__",

@@ -105,3 +105,8 @@ def template_from_filled(prompt: str, subject: str, case_id: Any) -> str:
     pos = escaped.find(subject.replace("{", "{{").replace("}", "}}"))
     n = len(subject.replace("{", "{{").replace("}", "}}"))
     return escaped[:pos] + "{}" + escaped[pos + n:]
+
+
+def as_request(record: dict[str, Any] | EditRequest, index: int) -> EditRequest:
+    """A record as an EditRequest (an EditRequest is kept; a dict is parsed with ``index`` as its case_id)."""
+    return record if isinstance(record, EditRequest) else EditRequest.from_dict(record, case_id=index)

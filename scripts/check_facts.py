@@ -1,7 +1,7 @@
 """Keep the candidate facts that the embedded model gets right before editing, and find the risky ones.
 
 A fact is kept when p(target_true) > p(target_new) on its prompt and on every paraphrase.
-Then the kept facts are scanned at layer 5 (``collapsediag.scan``: ROME's denominator k_uᵀu, no edit made)
+Then the kept facts are scanned at layer 5 (``collapsediag.signals.scan``: ROME's denominator k_uᵀu, no edit made)
 and the ``--confirm`` facts most at risk are edited alone with ROME and with r-ROME: a fact whose ROME edit
 alone at least doubles held-out perplexity while r-ROME's does not is a confirmed disabling fact. The first
 ``--risky`` of those go to the positions ``--risky-at`` of the output, so the demo's first edits include them.
@@ -15,12 +15,12 @@ import json
 import pathlib
 
 from collapsediag.data import load_facts
-from collapsediag.evaluate import target_probs
-from collapsediag.fluency import heldout_texts
+from collapsediag.signals.evaluate import target_probs
+from collapsediag.signals.fluency import heldout_texts
 from collapsediag.models import load_model
 from collapsediag.requests import EditRequest
-from collapsediag.scan import scan
-from collapsediag.validate import edit_each_alone
+from collapsediag.signals.scan import scan
+from collapsediag.experiments.alone import edit_each_alone
 
 
 def interleave(records: list[dict]) -> list[dict]:

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 
 from collapsediag import load_run
-from collapsediag.analysis import (change_point, confirm_disabling_edits, flag_disabling_edits, flag_scores,
-                                   departure, forgetting_phases, robust_z)
+from collapsediag.analysis import (change_point, departure, flag_disabling_edits, flag_scores, forgetting_phases,
+                                   robust_z)
 from collapsediag.errors import CollapseDiagError
-from collapsediag.store import RunWriter
+from collapsediag.experiments.alone import confirm_disabling_edits
+from collapsediag.runs.store import RunWriter
 
 NORM_OUT, DEN_OUT, PPL_JUMP, ENT_DROP = {7, 19, 33}, {12, 27}, 25, 31
 
@@ -175,7 +176,7 @@ def test_disabling_edits_name_the_edit_its_signals_and_geometry(tmp_path):
 
 def test_edits_not_taken_and_the_report_explain_them(tmp_path):
     from collapsediag.analysis import edits_not_taken
-    from collapsediag.report import explain, format_report
+    from collapsediag.analysis.report import explain, format_report
 
     run = rome_like_run(tmp_path / "r", planted=11)
     miss = edits_not_taken(run)
@@ -220,7 +221,7 @@ def test_a_collapse_that_levels_off_is_catastrophic_at_its_step(tmp_path):
 
 def test_flags_show_the_number_compared_with_each_threshold(tmp_path):
     from collapsediag.analysis import FLAG_COMPARED
-    from collapsediag.report import format_report
+    from collapsediag.analysis.report import format_report
 
     flags = flag_disabling_edits(rome_like_run(tmp_path / "r", planted=11))
     norm = flags[flags["signal"] == "update_norm"]

@@ -11,7 +11,7 @@ from collapsediag import models
 from collapsediag.cli import build_parser, main, setup_logging
 from collapsediag.errors import CollapseDiagError, ModelNotFoundError
 from collapsediag.progress import progress_bar, set_progress
-from collapsediag.report import readable, readable_cell
+from collapsediag.analysis.report import readable, readable_cell
 from tests.conftest import make_model
 
 GOOD = {"case_id": "g1", "subject": "Paris", "prompt": "{} is located in", "target_new": "Italy",
@@ -178,7 +178,7 @@ def demo_folder(tmp_path_factory, tok):
     """A folder laid out as the demo's runs/demo: two small runs (ROME, MEMIT), figures/ and scan.csv."""
     from collapsediag import EditSession, get_editor
     from collapsediag.arch import arch_for
-    from collapsediag.scan import write_scan
+    from collapsediag.signals.scan import write_scan
     from collapsediag.stats import StatsCache, TextCorpus
     from tests.conftest import corpus_texts
     from tests.test_modes import FOUR
@@ -206,7 +206,7 @@ def demo_folder(tmp_path_factory, tok):
 
 def test_find_runs_takes_runs_sweeps_and_folders_of_runs(demo_folder, tmp_path, capsys):
     from collapsediag.cli import find_runs
-    from collapsediag.sweep import run_dirs
+    from collapsediag.experiments.sweep import run_dirs
 
     runs = [str(demo_folder / "memit"), str(demo_folder / "rome")]
     assert run_dirs([str(demo_folder)]) == (runs, [])  # figures/ inside a folder of runs: passed over
@@ -273,7 +273,7 @@ def test_quiet_weight_loading_hides_transformers_bars_unless_vv():
 def test_text_table_wraps_long_cells_and_continues_wide_tables_within_100_columns():
     import pandas as pd
 
-    from collapsediag.report import text_table, wrap_text
+    from collapsediag.analysis.report import text_table, wrap_text
 
     evidence = "edit 3 (own-risk-ice) perplexity x31.9, flagged by " + ", ".join(["update_norm"] * 30)
     df = pd.DataFrame({"finding": ["(i) short", "(iii) bigger batches"], "reproduced": [True, "cannot say"],

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from collapsediag import store
-from collapsediag.store import RunWriter, read_table
+from collapsediag.runs import store
+from collapsediag.runs.store import RunWriter, read_table
 
 
 def _rows(a, b):

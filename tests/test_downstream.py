@@ -10,13 +10,13 @@ import torch
 
 from collapsediag import models
 from collapsediag.cli import main
-from collapsediag.downstream import (TaskSpec, builtin_tasks, data_dir, draw, load_task, load_tasks, parse_tasks,
+from collapsediag.signals.downstream import (TaskSpec, builtin_tasks, data_dir, draw, load_task, load_tasks, parse_tasks,
                                      render, task_from_spec)
-from collapsediag.downstream_score import (DownstreamSuite, _encode, accuracy, answer_logprobs, chance_level,
+from collapsediag.signals.downstream_score import (DownstreamSuite, _encode, accuracy, answer_logprobs, chance_level,
                                            downstream_summary, f1_score, is_informative, matthews, max_length,
                                            score_task, shared_prefix, token_counts, wilson_interval)
 from collapsediag.errors import TaskError
-from collapsediag.store import load_run
+from collapsediag.runs.store import load_run
 from tests.conftest import corpus_texts, make_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_the_shared_prefix_scores_equal_the_full_forward(kind, tok, tmp_path, re
     assert len(tok(" famous people", add_special_tokens=False)["input_ids"]) > 1
     counts = token_counts(task, tok, max_length(model))
     assert counts["prefix"] == len(prefix) and counts["shared"] < counts["full"]
-    from collapsediag import evaluate
+    from collapsediag.signals import evaluate
 
     real, ran = evaluate._prefix_logprobs, []
     monkeypatch.setattr(evaluate, "_prefix_logprobs", lambda *a, **k: ran.append(len(a[3])) or real(*a, **k))
@@ -248,8 +248,8 @@ def test_task_from_spec_checks_the_template(tmp_path):
 @needs_glue
 def test_a_3_edit_memit_run_writes_the_downstream_table(tok, tmp_path, capsys):
     from collapsediag.plots import plot_downstream, write_figures
-    from collapsediag.report import format_report
-    from collapsediag.resume import consistent_state
+    from collapsediag.analysis.report import format_report
+    from collapsediag.runs.resume import consistent_state
 
     model = make_model("llama", len(tok))
     model.save_pretrained(tmp_path / "model")
@@ -288,7 +288,7 @@ def test_a_3_edit_memit_run_writes_the_downstream_table(tok, tmp_path, capsys):
 
 def test_plot_downstream_marks_uninformative_tasks(tmp_path):
     from collapsediag.plots import plot_downstream
-    from collapsediag.store import RunWriter
+    from collapsediag.runs.store import RunWriter
 
     w = RunWriter.create(tmp_path / "r", {"editor": "memit"})
     w.append("downstream", [{"edit_index": e, "task": t, "n": 200, "accuracy": a, "f1": None, "mcc": None,

@@ -15,7 +15,7 @@ import torch
 
 from collapsediag import EditSession, get_editor, load_run
 from collapsediag.arch import get_module, weight_matrix
-from collapsediag.store import read_table
+from collapsediag.runs.store import read_table
 from tests.conftest import corpus_texts, make_model
 
 FACTS = [
@@ -173,7 +173,7 @@ def _assert_strict_json(path) -> None:
 
 
 def test_not_finite_values_are_written_as_null(tok, env_for, tmp_path):
-    from collapsediag.store import RunWriter
+    from collapsediag.runs.store import RunWriter
 
     w = RunWriter.create(tmp_path / "w", {"editor": "rome", "nested": {"a": [1.0, float("nan")], "b": np.inf}})
     w.append("evals", [{"edit_index": -1, "n_edits": 0, "retention": float("nan"), "perplexity": np.float32("inf"),
@@ -204,7 +204,7 @@ def test_not_finite_values_are_written_as_null(tok, env_for, tmp_path):
 
 
 def test_old_runs_with_bare_nan_still_load(tmp_path):
-    from collapsediag.store import RunWriter
+    from collapsediag.runs.store import RunWriter
 
     RunWriter.create(tmp_path, {"editor": "rome", "initial_weights": {"1": {"weight_l1": float("nan")}}})
     (tmp_path / "config.json").write_text('{"editor": "rome", "x": NaN}')
@@ -217,7 +217,7 @@ def test_old_runs_with_bare_nan_still_load(tmp_path):
 
 
 def test_atomic_write_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):
-    from collapsediag.store import atomic_write
+    from collapsediag.runs.store import atomic_write
 
     target = tmp_path / "study.json"
     atomic_write(target, "old text, longer than the new")

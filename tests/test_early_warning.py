@@ -6,7 +6,7 @@ import pytest
 
 from collapsediag import load_run
 from collapsediag.analysis import WARNING_THRESHOLDS, early_warning, warning_lead, warning_signals
-from collapsediag.store import RunWriter
+from collapsediag.runs.store import RunWriter
 
 
 def norm_run(path, growth: float, n: int = 120, onset: int | None = None, seed: int = 0, spike: int | None = None):
@@ -67,7 +67,7 @@ def test_warning_signals_and_thresholds_can_be_changed(tmp_path):
 
 
 def test_report_shows_warnings_beside_the_forgetting_phases(tmp_path):
-    from collapsediag.report import format_report
+    from collapsediag.analysis.report import format_report
 
     text = format_report([norm_run(tmp_path / "exp", growth=0.02, onset=89)], fmt="markdown")
     phases = text.split("## Forgetting phases")[1].split("## Early warnings")[0]
@@ -92,7 +92,7 @@ def test_collapse_warning_tells_the_warning_on_the_collapse_from_an_early_one(tm
 
 
 def test_the_study_finding_on_warnings_names_leads_and_false_alarms(tmp_path):
-    from collapsediag.studyreport import _warning_finding
+    from collapsediag.experiments.studyreport import _warning_finding
 
     seq = {"rome": norm_run(tmp_path / "rome", growth=0.0, onset=89, spike=85),
            "memit": norm_run(tmp_path / "memit", growth=0.0, spike=30),
@@ -110,8 +110,8 @@ def test_disabling_table_names_the_largest_update_before_a_perplexity_jump(tmp_p
     import pandas as pd
 
     from collapsediag.analysis import COLLAPSE_RATIO
-    from collapsediag.store import RunWriter
-    from collapsediag.studyreport import DISABLING_COLUMNS, disabling_table
+    from collapsediag.runs.store import RunWriter
+    from collapsediag.experiments.studyreport import DISABLING_COLUMNS, disabling_table
 
     run = norm_run(tmp_path / "jump", growth=0.0, spike=83)
     ev = run.evals.copy()
@@ -164,7 +164,7 @@ def test_a_disabling_edit_is_a_collapse_at_that_edit(tmp_path):
 
 def test_report_phases_table_and_its_notes(tmp_path):
     from collapsediag.analysis import RETENTION_NOTE, TOO_FEW
-    from collapsediag.report import PHASE_COLUMNS, format_report, phases_table
+    from collapsediag.analysis.report import PHASE_COLUMNS, format_report, phases_table
     from tests.test_analysis import rome_like_run
 
     runs = [rome_like_run(tmp_path / "rome", planted=11), norm_run(tmp_path / "short", growth=0.0, n=30)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from collapsediag.evaluate import request_probs, request_scores, success_share, target_probs
+from collapsediag.signals.evaluate import request_probs, request_scores, success_share, target_probs
 from collapsediag.requests import EditRequest
 
 
@@ -70,7 +70,7 @@ def test_request_probs_and_scores(tiny):
 
 
 def test_scored_prompts_pairs_every_prompt_with_both_targets():
-    from collapsediag.checkpoints import scored_prompts
+    from collapsediag.runs.checkpoints import scored_prompts
 
     reqs = [EditRequest(case_id=1, subject="Paris", prompt="{} is located in", target_new="Japan", target_true="Spain",
                         paraphrase_prompts=["I think {} is in"], neighborhood_prompts=["Tokyo is in", "Rome is in"]),

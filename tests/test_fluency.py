@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from collapsediag.fluency import generate, generation_entropy, heldout_texts, n_gram_entropy, perplexity
+from collapsediag.signals.fluency import generate, generation_entropy, heldout_texts, n_gram_entropy, perplexity
 from tests.conftest import corpus_texts
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from collapsediag.editors import get_editor
 from collapsediag.errors import CollapseDiagError
-from collapsediag.hparams_file import check_environment, read_hparams_file
+from collapsediag.editors.hparams_file import check_environment, read_hparams_file
 from tests.conftest import make_model
 
 ROME_LLAMA = """alg_name: "ROME"

@@ -1,4 +1,4 @@
-"""The live notebook view of a session (collapsediag.live) on a tiny model, drawn with Agg."""
+"""The live notebook view of a session (collapsediag.runs.live) on a tiny model, drawn with Agg."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from collapsediag import EditSession, get_editor, live
+from collapsediag import EditSession, get_editor
+from collapsediag.runs import live
 from tests.conftest import make_model
 
 RECORDS = [

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from collapsediag import load_run
-from collapsediag.checkpoints import retention_sample
-from collapsediag.store import Run
+from collapsediag.runs.checkpoints import retention_sample
+from collapsediag.runs.store import Run
 from tests.conftest import make_model
 from tests.test_durable import FACTS, _session
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from collapsediag.longstudy import LongStudyPlan, run_long_study
+from collapsediag.experiments.longstudy import LongStudyPlan, run_long_study
 from collapsediag.stats import StatsCache, TextCorpus
 from tests.conftest import corpus_texts, make_model
 from tests.test_plots import RECORDS
@@ -23,7 +23,7 @@ def _study(tok, tmp_path, plan, **kw):
 
 
 def test_a_batch_run_is_logged_after_each_checkpoint_interval(tok, tmp_path, monkeypatch):
-    from collapsediag.longstudy import LongStudy
+    from collapsediag.experiments.longstudy import LongStudy
 
     logged = []
     real = LongStudy._record
@@ -99,7 +99,7 @@ def test_study_report_on_a_finished_tiny_study(tok, tmp_path, capsys):
                     "early warning: every catastrophic collapse", "(iii) bigger batches lower MEMIT"):
         assert finding in text
     assert "false alarms (warned, never catastrophic):" in text
-    from collapsediag.studyreport import study_report
+    from collapsediag.experiments.studyreport import study_report
 
     tables = study_report(tmp_path / "study")
     assert list(tables) == ["findings", "editors", "disabling", "batches", "timing"]
@@ -141,8 +141,8 @@ def test_the_batch_part_alone_leaves_the_fork_for_later_and_the_parts_share_stud
 
 
 def test_timing_by_sitting_tells_threads_and_company_apart(tok, tmp_path):
-    from collapsediag.longstudy import update_status
-    from collapsediag.studyreport import timing_table
+    from collapsediag.experiments.longstudy import update_status
+    from collapsediag.experiments.studyreport import timing_table
 
     plan = LongStudyPlan(n_edits=2, editors=("memit",), eval_every=1, batch_editors=(), eval_passages=2,
                          generation_prompts=1, hparams=HP)
@@ -204,7 +204,7 @@ def test_processes_share_the_batch_study_run_by_run(tok, tmp_path):
 
 
 def _count_up(out, key, times):
-    from collapsediag.longstudy import update_status
+    from collapsediag.experiments.longstudy import update_status
 
     for _ in range(times):
         update_status(out, lambda s: s.__setitem__(key, s.get(key, 0) + 1))
@@ -226,8 +226,8 @@ def test_update_status_loses_no_write_of_two_processes(tmp_path):
 
 
 def test_run_timing_of_a_range_of_edits(tok, tmp_path):
-    from collapsediag.longstudy import run_timing
-    from collapsediag.store import load_run
+    from collapsediag.experiments.longstudy import run_timing
+    from collapsediag.runs.store import load_run
 
     plan = LongStudyPlan(n_edits=4, editors=("memit",), eval_every=2, batch_editors=(), eval_passages=2,
                          generation_prompts=1, hparams=HP)
@@ -242,7 +242,7 @@ def test_run_timing_of_a_range_of_edits(tok, tmp_path):
 
 
 def test_interval_end_is_the_next_checkpoint_within_the_run():
-    from collapsediag.longstudy import interval_end
+    from collapsediag.experiments.longstudy import interval_end
 
     assert [interval_end(d, 25, 300) for d in (0, 24, 25, 290)] == [25, 25, 50, 300]
     assert interval_end(256, 16, 256) == 256  # a finished run: nothing left

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from collapsediag import schema
+from collapsediag.runs import schema
 from collapsediag.arch import ARCHS, arch_for, bias_vector, get_module, is_conv1d, n_layers, weight_matrix
 from collapsediag.data import flatten_counterfact, load_counterfact, load_data, load_facts, own_facts
 from collapsediag.editors.context import generate_templates, has_words

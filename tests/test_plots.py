@@ -46,7 +46,7 @@ _tiny: dict = {}
 @pytest.fixture(scope="module")
 def scanned(two_runs, tok):
     """A pre-edit risk scan of the records at layer 1 of the unedited tiny model."""
-    from collapsediag.scan import scan
+    from collapsediag.signals.scan import scan
 
     return scan(_tiny["model"], tok, RECORDS, 1, stats=_tiny["stats"], templates=["{}", "The city of music. {}"],
                 progress=False)
@@ -85,8 +85,8 @@ def _offsets(ax, gid: str) -> np.ndarray:
 
 
 def _scan_frame(dens, cosines=None, first=None) -> pd.DataFrame:
-    """A scan table (``collapsediag.scan`` columns) with these ROME denominators and one malformed record."""
-    from collapsediag.scan import _frame
+    """A scan table (``collapsediag.signals.scan`` columns) with these ROME denominators and one malformed record."""
+    from collapsediag.signals.scan import _frame
 
     cosines = cosines or [0.1 + 0.8 * i / len(dens) for i in range(len(dens))]
     rows = [dict(record_index=i, case_id=f"own-case-{i}", status="ok", subject="s", prompt="{} p", target_new="t",
@@ -186,7 +186,7 @@ def test_norm_comparison_draws_one_line_per_run_in_percent(two_runs):
 
 def test_relative_growth_is_each_layer_over_its_unedited_value(two_runs):
     from collapsediag.analysis import relative_growth
-    from collapsediag.study import weight_l1_growth
+    from collapsediag.analysis.growth import weight_l1_growth
 
     memit = two_runs[1]
     g = relative_growth(memit)

@@ -10,7 +10,7 @@ import torch
 
 from collapsediag.arch import arch_for
 from collapsediag.errors import CollapseDiagError
-from collapsediag.published import find_stats_file, load_projector_file, published_stats
+from collapsediag.editors.published import find_stats_file, load_projector_file, published_stats
 from collapsediag.stats import StatsCache, TextCorpus
 from tests.conftest import corpus_texts, make_model
 

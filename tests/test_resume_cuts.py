@@ -11,7 +11,7 @@ import pytest
 
 from collapsediag import EditSession, get_editor, load_run
 from collapsediag.arch import arch_for
-from collapsediag.fluency import heldout_texts
+from collapsediag.signals.fluency import heldout_texts
 from collapsediag.stats import StatsCache, TextCorpus
 from tests.conftest import corpus_texts, make_model
 from tests.test_durable import FACTS
@@ -101,7 +101,7 @@ def test_checkpoint_written_twice_is_redone_once(full, tok):
 
 def test_fork_then_resume_equals_uninterrupted(full, tok):
     """A fork of the first 2 edits holds the full run's rows up to there; resumed, it ends as the full run."""
-    from collapsediag.resume import fork_run
+    from collapsediag.runs.resume import fork_run
 
     fork = fork_run(full / "full", full / "fork", 2, {"note": "first two"})
     assert fork.config["forked_from"] == str(full / "full") and fork.config["note"] == "first two"
@@ -116,7 +116,7 @@ def test_fork_then_resume_equals_uninterrupted(full, tok):
 
 def test_fork_refuses_more_edits_than_the_run_holds(full):
     from collapsediag.errors import CollapseDiagError
-    from collapsediag.resume import fork_run
+    from collapsediag.runs.resume import fork_run
 
     with pytest.raises(CollapseDiagError, match="fewer than the 9"):
         fork_run(full / "full", full / "fork9", 9)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from collapsediag import EditSession, get_editor
-from collapsediag.scan import COLUMNS, SIGNALS, read_scan, scan, write_scan
+from collapsediag.signals.scan import COLUMNS, SIGNALS, read_scan, scan, write_scan
 
 RECORDS = [
     {"case_id": 11, "subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
@@ -119,7 +119,7 @@ def test_batching_and_prefix_sharing_keep_values(tiny, env_for, tmp_path, caplog
 
 
 def test_common_prefix_leaves_the_last_token():
-    from collapsediag.scan import _common_prefix, _groups
+    from collapsediag.signals.scan import _common_prefix, _groups
 
     assert _common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 7]]) == 2
     assert _common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
@@ -191,7 +191,7 @@ def test_write_read_round_trip(tok, env_for, tmp_path, ext):
         import pyarrow.parquet as pq
 
         (tmp_path / f"scan.{ext}.meta.json").unlink()  # the file's own metadata is enough
-        assert b"collapsediag.scan" in pq.read_schema(path).metadata
+        assert b"collapsediag.signals.scan" in pq.read_schema(path).metadata
         assert read_scan(path).attrs == df.attrs
 
 
@@ -199,7 +199,7 @@ def test_cache_fallback_gives_the_same_values(tiny, env_for, tmp_path, caplog, m
     """Where the model's attention cache cannot be trusted, every sequence runs in full (one warning)."""
     import importlib
 
-    scan_mod = importlib.import_module("collapsediag.scan")  # the module (collapsediag.scan is the function)
+    scan_mod = importlib.import_module("collapsediag.signals.scan")  # the module (collapsediag.signals.scan is the function)
     model, tok = tiny
     stats = env_for(model, [LAYER], tmp_path).stats
     ref = scan(model, tok, RECORDS, LAYER, stats=stats, templates=TEMPLATES, progress=False)

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapsediag import EditRequest, EditSession, RecordError, get_editor, load_run, schema
-from collapsediag.report import failed_edits, format_report, summary
+from collapsediag import EditRequest, EditSession, RecordError, get_editor, load_run
+from collapsediag.runs import schema
+from collapsediag.analysis.report import failed_edits, format_report, summary
 from tests.conftest import corpus_texts
 
 GOOD = [

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from collapsediag.spectral import (TOP_K, SpectralTracker, smallest_singular_value, spectral_entropy,
+from collapsediag.signals.spectral import (TOP_K, SpectralTracker, smallest_singular_value, spectral_entropy,
                                    top_singular_values)
 
 

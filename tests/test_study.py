@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from collapsediag.study import SIZES, StudySize, run_study, study_findings, study_plan
+from collapsediag.experiments.demo import SIZES, StudySize, run_study, study_findings, study_plan
 from tests.conftest import corpus_texts, make_model
 from tests.test_plots import RECORDS
 
@@ -58,7 +58,7 @@ def test_demo_command_writes_runs_figures_and_findings(tok, tmp_path, capsys):
     assert "Risk scan of the" in out and "risk_rank" in out
     assert all(len(line) <= 100 for line in out.splitlines() if str(tmp_path) not in line)  # printed tables wrap
     assert "| finding | reproduced | evidence |" not in out  # a text table; findings.md keeps the markdown
-    from collapsediag.scan import read_scan
+    from collapsediag.signals.scan import read_scan
 
     risk = read_scan(tmp_path / "runs" / "scan.csv")
     assert risk["risk_rank"].is_monotonic_increasing and risk["in_demo"].sum() == 4
@@ -81,7 +81,7 @@ def test_study_layers_and_one_statistics_pass_for_all(tok, tmp_path, monkeypatch
     from collapsediag import stats as stats_mod
     from collapsediag.arch import arch_for
     from collapsediag.stats import StatsCache, TextCorpus
-    from collapsediag.study import study_layers, warm_statistics
+    from collapsediag.experiments.demo import study_layers, warm_statistics
 
     assert study_layers(SIZES["small"]) == [3, 4, 5, 6, 7]  # ROME's 5 lies inside MEMIT's 3–7
     assert study_layers(SIZES["small"], {"rome": {"layer": 9}}) == [3, 4, 5, 6, 7, 9]

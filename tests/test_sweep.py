@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from collapsediag.errors import CollapseDiagError
-from collapsediag.store import load_run
-from collapsediag.sweep import cells, read_spec, sweep, sweep_table
+from collapsediag.runs.store import load_run
+from collapsediag.experiments.sweep import cells, read_spec, sweep, sweep_table
 from tests.conftest import corpus_texts, make_model
 
 FACTS = [{"subject": s, "prompt": "{} is located in", "target_new": "Italy", "target_true": "Africa"}

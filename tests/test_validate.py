@@ -8,8 +8,8 @@ import torch
 
 from collapsediag import EditSession, load_run
 from collapsediag.errors import CollapseDiagError
-from collapsediag.fluency import perplexity
-from collapsediag.validate import edit_each_alone
+from collapsediag.signals.fluency import perplexity
+from collapsediag.experiments.alone import edit_each_alone
 from tests.conftest import corpus_texts
 from tests.test_scan import RECORDS
 

@@ -71,7 +71,7 @@ class AlphaEdit(KeySumMemit):
         """Use AlphaEdit's saved ``null_space_project.pt`` (one projector per edited layer, in the order of
         ``hparams.layers``) instead of computing the projectors from the statistics."""
         from ..arch import arch_for, get_module, weight_matrix
-        from ..published import load_projector_file
+        from .published import load_projector_file
 
         arch = arch_for(model)
         d_in = weight_matrix(get_module(model, arch.rewrite_name(self.hparams.layers[0]))).shape[1]

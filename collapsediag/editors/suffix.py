@@ -86,6 +86,12 @@ def _kv_pairs(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
+def kv_pairs(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of a transformers cache, for other modules (it calls ``_kv_pairs``, which
+    tests replace to stand for a model that keeps no keys and values)."""
+    return _kv_pairs(cache)
+
+
 class SuffixForward:
     """The same logits as ``PlainForward``, computing only blocks after ``layer`` at positions ≥ subj.
 

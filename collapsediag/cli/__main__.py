@@ -1,0 +1,6 @@
+"""python -m collapsediag.cli: the collapsediag command."""
+import sys
+
+from . import main
+
+sys.exit(main())
