@@ -191,7 +191,7 @@ def test_write_read_round_trip(tok, env_for, tmp_path, ext):
         import pyarrow.parquet as pq
 
         (tmp_path / f"scan.{ext}.meta.json").unlink()  # the file's own metadata is enough
-        assert b"collapsediag.signals.scan" in pq.read_schema(path).metadata
+        assert b"collapsediag.scan" in pq.read_schema(path).metadata
         assert read_scan(path).attrs == df.attrs
 
 
@@ -199,7 +199,7 @@ def test_cache_fallback_gives_the_same_values(tiny, env_for, tmp_path, caplog, m
     """Where the model's attention cache cannot be trusted, every sequence runs in full (one warning)."""
     import importlib
 
-    scan_mod = importlib.import_module("collapsediag.signals.scan")  # the module (collapsediag.signals.scan is the function)
+    scan_mod = importlib.import_module("collapsediag.signals.scan")  # the module (collapsediag.scan is the function)
     model, tok = tiny
     stats = env_for(model, [LAYER], tmp_path).stats
     ref = scan(model, tok, RECORDS, LAYER, stats=stats, templates=TEMPLATES, progress=False)
