@@ -24,6 +24,7 @@ REQUIRED = {
     "evals": {"edit_index", "n_edits", "n_retention", "seconds"},
     "retention": {"checkpoint", "edit_index", "case_id", "p_new", "p_true", "success"},
     "downstream": {"edit_index", "task", "n", "accuracy", "chance", "seconds"},
+    "guard": {"edit_index", "case_id", "layer", "risky", "action"},
 }
 
 
@@ -85,6 +86,9 @@ LAYERS = [
     _c("drift_entropy", "float", "nats",
        "spectral entropy of W − W₀ over its top 8 singular values, pᵢ = σᵢ²/Σⱼσⱼ² (0: one direction; at most "
        "log 8 = 2.08)"),
+    _c("weight_energy", "float", "energy",
+       "hyperspherical energy of W's normalised rows (SPHERE): mean over row pairs i ≠ j of 1/‖ŵᵢ − ŵⱼ‖"),
+    _c("weight_energy_ratio", "float", "ratio", "weight_energy / its value on W₀ (1: the rows as spread as before)"),
     _c("weight_condition", "float", "ratio",
        "cond(W) = σ_max/σ_min of the edited matrix (PRUNE); only on the last batch before each periodic checkpoint (every `eval_every` edits)",
        "all, at checkpoints"),
@@ -167,11 +171,28 @@ DOWNSTREAM = [
     _c("seconds", "float", "s", "wall time of scoring this task at this checkpoint"),
 ]
 
-EDITS, LAYERS, EVALS, RETENTION, DOWNSTREAM = (
+GUARD = [
+    _c("edit_index", "int", "-", "the edit the request was given (its `edits` row exists once the update is made "
+       "or the request left out)"),
+    _c("case_id", "str", "-", "its record id"),
+    _c("layer", "int", "-", "the layer whose keys were read (the editor's first edited layer)"),
+    _c("denominator", "float", "key units", "k_uᵀû with û = C⁻¹k̄/‖C⁻¹k̄‖, on the weights before the edit (ROME's "
+       "denominator)"),
+    _c("denominator_consistent", "float", "key units", "k̄ᵀû (r-ROME's denominator)"),
+    _c("denominator_ratio", "float", "ratio", "k_uᵀû / k̄ᵀû: ROME's update over the prefix-consistent one, inverted"),
+    _c("key_cosine", "float", "cosine", "cos(k_u, k̄) of the unprefixed and the prefix-averaged key"),
+    _c("subject_first_token", "bool", "-", "the subject starts the prompt"),
+    _c("subject_last_position", "int", "-", "index of the subject's last token in the unprefixed prompt"),
+    _c("risky", "bool", "-", "the guard's rule fired: |denominator_ratio| < config `guard.min_ratio`"),
+    _c("reason", "str", "-", "why it fired (null when not risky)"),
+    _c("action", "str", "-", "`warned` (edit made), `skipped` (left out: `--guard skip`) or `none`"),
+]
+
+EDITS, LAYERS, EVALS, RETENTION, DOWNSTREAM, GUARD = (
     _table(n, t) for n, t in (("edits", EDITS), ("layers", LAYERS), ("evals", EVALS), ("retention", RETENTION),
-                              ("downstream", DOWNSTREAM)))
+                              ("downstream", DOWNSTREAM), ("guard", GUARD)))
 TABLES: dict[str, list[Column]] = {"edits": EDITS, "layers": LAYERS, "evals": EVALS, "retention": RETENTION,
-                                   "downstream": DOWNSTREAM}
+                                   "downstream": DOWNSTREAM, "guard": GUARD}
 
 
 def nullable(table: str) -> list[str]:

@@ -30,8 +30,10 @@ from ..models import model_fingerprint, model_name
 from ..progress import progress_bar
 from ..recorder import NullRecorder, Recorder
 from ..requests import EditRequest, as_request
+from ..signals.energy import hyperspherical_energy
 from ..signals.spectral import SpectralTracker
 from ..stats import LayerStats, StatsCache, TextCorpus
+from .guard import Guard
 from .store import RunWriter
 from ..tokens import first_content_index, subject_span
 
@@ -65,6 +67,8 @@ class EditSession:
         which all start from W₀).
     downstream : a ``DownstreamSuite`` scored at every checkpoint (the unedited baseline included) into the
         ``downstream`` table; needs ``eval_every``.
+    guard : a ``Guard`` (``collapsediag.runs.guard``) that reads each request's key geometry before its edit
+        and warns of (``warn``) or leaves out (``skip``) risky ones; its rows go to the ``guard`` table.
     """
 
     def __init__(self, model: nn.Module, tok: object, editor: Editor, *, out: str | os.PathLike | None = None,
@@ -75,7 +79,8 @@ class EditSession:
                  generation_prompts: list[str] | tuple[str, ...] = GENERATION_PROMPTS, generation_tokens: int = 64,
                  config: dict[str, Any] | None = None, progress: bool = True, target_cache: TargetCache | None = None,
                  retention_sample: int = DEFAULT_SAMPLE, snapshot_every: int = 1000,
-                 downstream: "DownstreamSuite | None" = None, _resume: bool = False) -> None:
+                 downstream: "DownstreamSuite | None" = None, guard: Guard | None = None,
+                 _resume: bool = False) -> None:
         self.model, self.tok, self.editor = model, tok, editor
         self.arch = arch or arch_for(model)
         self.layers = editor.layers()
@@ -102,6 +107,7 @@ class EditSession:
                    for layer in self.layers}
         self.env.initial = self.w0
         self.spectra: dict[int, SpectralTracker] = {}  # per layer, warm-started from edit to edit
+        self.energy0: dict[int, float] = {}  # hyperspherical energy of W₀ per layer
         self.n_edits = 0
         self.n_batches = 0
         self.edits: list[dict[str, Any]] = []
@@ -110,6 +116,8 @@ class EditSession:
         self.retention_rows: list[dict[str, Any]] = []  # in memory only without ``out`` (else on disk)
         self.downstream = downstream
         self.downstream_rows: list[dict[str, Any]] = []
+        self.guard = guard
+        self.guard_rows: list[dict[str, Any]] = []
         self.config = self._config(config or {})
         if out is None:
             self.writer = None
@@ -129,6 +137,7 @@ class EditSession:
             "eval_every": self.eval_every, "retention_sample": self.retention_sample,
             "snapshot_every": self.snapshot_every,
             "downstream": self.downstream.config() if self.downstream is not None else None,
+            "guard": self.guard.config() if self.guard is not None else None,
             "generation_prompts": self.generation_prompts,
             "generation_tokens": self.generation_tokens, "n_eval_texts": len(self.eval_texts),
             "diagnostics": self.diagnostics,
@@ -170,6 +179,7 @@ class EditSession:
             except (CollapseDiagError, ValueError, RuntimeError) as exc:
                 self._fail(row, exc, record, start + j)
             rows.append(row)
+        todo = self._screen(todo)
         for (row, _), probs in zip(todo, self._probs([q for _, q in todo], "before")):
             row.update(probs)
         rec: Recorder = Recorder() if self.diagnostics else NullRecorder()
@@ -220,6 +230,20 @@ class EditSession:
         if self.eval_every and before // self.eval_every != self.n_edits // self.eval_every:
             self.checkpoint()
         return rows
+
+    def _screen(self, todo: list[tuple[dict[str, Any], EditRequest]]) -> list[tuple[dict[str, Any], EditRequest]]:
+        """The guard's rows for the requests about to be edited, saved before the update; the requests kept."""
+        if self.guard is None or not todo:
+            return todo
+        rows = self.guard.screen(self, [(row["edit_index"], q) for row, q in todo])
+        self.guard_rows.extend(rows)
+        if self.writer is not None:
+            self.writer.append("guard", rows)
+        skip = {g["edit_index"]: g["reason"] for g in rows if g["action"] == "skipped"}
+        for row, _ in todo:
+            if row["edit_index"] in skip:
+                row["status"] = f"skipped by the guard: {skip[row['edit_index']]}"
+        return [(row, q) for row, q in todo if row["edit_index"] not in skip]
 
     def _check_batch_size(self, size: int) -> None:
         if size < 1:
@@ -338,6 +362,10 @@ class EditSession:
             if tracker is None:
                 tracker = self.spectra[d.layer] = SpectralTracker(self.w0[d.layer])
             row.update(tracker.update(w))
+            if d.layer not in self.energy0:
+                self.energy0[d.layer] = hyperspherical_energy(self.w0[d.layer])
+            row["weight_energy"] = hyperspherical_energy(w)
+            row["weight_energy_ratio"] = row["weight_energy"] / self.energy0[d.layer]
             if checkpoint:
                 row["weight_condition"] = tracker.condition(w)
             row.update(logged.get(d.layer, {}))
