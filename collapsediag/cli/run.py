@@ -58,6 +58,8 @@ def run_command(args: argparse.Namespace) -> int:
                                 if args.resume else "--editor is required (except with --resume)")
     editor = None
     if resuming:
+        if args.guard:
+            raise CollapseDiagError("--guard: a resumed run keeps the guard it started with; leave it out")
         resume_inputs(args)
     else:
         if args.data is None:
@@ -85,7 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
                               cache=cache, seed=args.seed, eval_every=args.eval_every,
                               retention_sample=args.retention_sample, snapshot_every=args.snapshot_every,
                               eval_texts=heldout_texts(args.eval_text) if args.eval_every else [],
-                              downstream=suite,
+                              downstream=suite, guard=_guard(args),
                               templates=_templates(model, tok, args, spec),
                               config={"data": args.data, "n_edits": args.n_edits, "mode": args.mode,
                                       "hparams_file": str(pathlib.Path(args.hparams_file).resolve())
@@ -97,6 +99,15 @@ def run_command(args: argparse.Namespace) -> int:
     session.run(records[session.n_edits:], batch_size=batch_size)
     print(format_report([load_run(args.out)]))
     return 0
+
+
+def _guard(args: argparse.Namespace) -> Any:
+    """The ``--guard`` of a new run (None without it)."""
+    if args.guard is None:
+        return None
+    from ..runs.guard import Guard
+
+    return Guard(args.guard, args.guard_ratio)
 
 
 def _downstream(args: argparse.Namespace, resuming: bool) -> Any:
@@ -233,6 +244,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--downstream-data", default=None, metavar="DIR",
                    help="folder of the built-in tasks' data files (default: $COLLAPSEDIAG_GLUE_EVAL, else "
                         "../shared/data/glue_eval)")
+    r.add_argument("--guard", choices=("warn", "skip"), default=None,
+                   help="before each edit read its request's key geometry (k_uᵀû / k̄ᵀû, cos(k_u, k̄), the subject's "
+                        "position) and warn of a risky edit before making it (warn) or leave it out (skip); rows "
+                        "in table guard")
+    r.add_argument("--guard-ratio", type=float, default=0.05, metavar="R",
+                   help="the guard's rule: risky when |k_uᵀû / k̄ᵀû| < R (ROME's update over 1/R times the "
+                        "prefix-consistent one)")
     r.add_argument("--eval-text", default=None,
                    help="held-out text file for perplexity (default: the packaged held-out passages)")
     r.add_argument("--context", type=nonnegative_int, default=None,

@@ -9,6 +9,7 @@ from ..arch import ArchSpec, get_module, weight_matrix
 from ..editors.base import Delta, apply_deltas
 from ..errors import CollapseDiagError
 from ..models import model_fingerprint
+from ..signals.energy import hyperspherical_energy
 
 
 def run_deltas(run: object, batch_index: int, arch: ArchSpec, device: torch.device | str = "cpu") -> list[Delta]:
@@ -59,3 +60,37 @@ def _load_snapshot(model: nn.Module, run: object, arch: ArchSpec, upto: int, bat
                 weight_matrix(get_module(model, arch.rewrite_name(layer))).copy_(torch.from_numpy(w))
         return index
     return -1
+
+
+def run_energy(run: object, model: nn.Module, s: float = 1.0) -> pd.DataFrame:
+    """HE per batch and edited layer of a saved run, replayed from its stored updates on ``model``.
+
+    ``model`` is the run's unedited base model; it is edited in place (every batch's update, in order) and
+    left at the run's last edit. Columns edit_index (the batch's last edit), batch_index, layer,
+    weight_energy and weight_energy_ratio (HE(W)/HE(W₀)); runs whose ``layers`` table records weight_energy
+    already can read it there instead."""
+    if getattr(run, "made_alone", False):
+        raise CollapseDiagError(f"run {run.path} made each edit alone on the unedited model: its updates do not "
+                                "accumulate, so it has no energy trajectory")
+    arch = ArchSpec(**run.config["arch"])
+    layers = [int(x) for x in run.config["layers"]]
+    device = next(model.parameters()).device
+
+    def energies() -> dict[int, float]:
+        return {layer: hyperspherical_energy(weight_matrix(get_module(model, arch.rewrite_name(layer))), s)
+                for layer in layers}
+
+    base = energies()
+    rows = []
+    edits = run.edits.assign(edit_index=run.edits["edit_index"].astype(int),
+                             batch_index=run.edits["batch_index"].astype(int))
+    for batch, g in edits.groupby("batch_index", sort=True):
+        deltas = run_deltas(run, int(batch), arch, device)
+        if not deltas:
+            continue
+        apply_deltas(model, deltas)
+        for layer, he in energies().items():
+            rows.append({"edit_index": int(g["edit_index"].max()), "batch_index": int(batch), "layer": layer,
+                         "weight_energy": he, "weight_energy_ratio": he / base[layer]})
+    return pd.DataFrame(rows, columns=["edit_index", "batch_index", "layer", "weight_energy",
+                                       "weight_energy_ratio"])

@@ -24,6 +24,7 @@ from ..requests import as_request
 from ..signals.downstream_score import DownstreamSuite
 from ..signals.fluency import GENERATION_PROMPTS, heldout_texts
 from .config import plain_row, stats_from_config
+from .guard import Guard
 from .rebuild import apply_run
 from .store import Run, RunWriter, load_run
 
@@ -46,6 +47,7 @@ class ResumeState:
     checkpoints: list[int]  # kept (complete) checkpoints, ascending
     redo: int | None  # edit_index of the checkpoint to redo after rebuilding the model (−1: baseline)
     downstream: pd.DataFrame | None = None  # rows of the kept checkpoints (written before their evals row)
+    guard: pd.DataFrame | None = None  # rows of the kept edits (written before their edits rows)
 
 
 def whole_batches(run: Run) -> list[pd.DataFrame]:
@@ -126,7 +128,8 @@ def consistent_state(run: Run) -> ResumeState:
         evals=evals[evals["edit_index"].isin(kept)].reset_index(drop=True),
         retention=retention[retention["checkpoint"].isin(kept)].reset_index(drop=True),
         n_batches=len(batches), checkpoints=kept, redo=redo,
-        downstream=run.downstream[run.downstream["edit_index"].isin(kept)].reset_index(drop=True))
+        downstream=run.downstream[run.downstream["edit_index"].isin(kept)].reset_index(drop=True),
+        guard=run.guard[run.guard["edit_index"].isin(done)].reset_index(drop=True))
 
 
 def _drop_factors(run: Run, n_batches: int) -> None:
@@ -167,7 +170,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
                   retention_sample=int(cfg.get("retention_sample") or 0),  # runs before sampling tested all
                   snapshot_every=int(cfg.get("snapshot_every") or 0),
                   downstream=DownstreamSuite.from_config(cfg["downstream"]) if cfg.get("downstream") else None,
-                  progress=progress, _resume=True)
+                  guard=Guard(**cfg["guard"]) if cfg.get("guard") else None, progress=progress, _resume=True)
     session.config = cfg
 
     state = consistent_state(run)
@@ -183,7 +186,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
             editor.replay({k[6:]: v for k, v in arrays.items() if k.startswith("state_")}, session.env)
 
     # checkpoints first: a crash in between leaves rows that the next resume drops again
-    for table in ("downstream", "evals", "retention", "layers", "edits"):
+    for table in ("downstream", "evals", "retention", "guard", "layers", "edits"):
         if getattr(state, table) is not None:
             session.writer.rewrite(table, getattr(state, table))
     _drop_factors(run, state.n_batches)
@@ -194,6 +197,7 @@ def resume_session(cls: type["EditSession"], path: str | os.PathLike, model: "nn
     session.edits = [plain_row(r) for r in state.edits.to_dict("records")]
     session.layer_rows = [plain_row(r) for r in state.layers.to_dict("records")]
     session.eval_rows = [plain_row(r) for r in state.evals.to_dict("records")]
+    session.guard_rows = [plain_row(r) for r in state.guard.to_dict("records")]
     session.checkpoints = list(state.checkpoints)
     for row in session.edits:
         i = int(row["edit_index"])
@@ -239,7 +243,8 @@ def fork_run(src: str | os.PathLike, dst: str | os.PathLike, n_edits: int, confi
     for table, df in (("edits", edits), ("layers", run.layers[run.layers["edit_index"] < n_edits]),
                       ("evals", run.evals[run.evals["edit_index"] < end]),
                       ("retention", run.retention[run.retention["checkpoint"] < end]),
-                      ("downstream", run.downstream[run.downstream["edit_index"] < end])):
+                      ("downstream", run.downstream[run.downstream["edit_index"] < end]),
+                      ("guard", run.guard[run.guard["edit_index"] < n_edits])):
         writer.rewrite(table, df.reset_index(drop=True))
     for b in batches:
         if (f := run.factors_file(b)) is not None:

@@ -260,7 +260,7 @@ ALONE = "alone"  # config mode of a run whose edits were each made alone on the 
 
 class Run:
     """A saved run: ``config`` (dict) and the tables ``edits``, ``layers``, ``evals``, ``retention``,
-    ``downstream``."""
+    ``downstream`` and ``guard``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = pathlib.Path(path)
@@ -275,6 +275,8 @@ class Run:
         self.evals = read_table(self.path, "evals")
         self.retention = read_table(self.path, "retention")
         self.downstream = read_table(self.path, "downstream")  # empty without --downstream
+        guard = read_table(self.path, "guard")  # empty without --guard; rows of edits made or left out
+        self.guard = guard[guard["edit_index"].isin(done)].reset_index(drop=True)
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}, editor={self.config.get('editor')!r}, "
