@@ -114,6 +114,26 @@ def test_cache_reuses_targets_of_a_batch(tok):
     assert again[0] is first[0] and again[1] is first[1]
 
 
+def test_a_cache_on_disk_gives_another_process_the_same_targets(tok, tmp_path):
+    model = make_model("llama", len(tok))
+    arch = arch_for(model)
+    settings = TargetSettings(steps=3)
+    first = TargetCache(tmp_path / "targets").get_many(model, tok, MORE[:2], TEMPLATES, arch.block_name(1),
+                                                       settings, arch)
+    assert len(list((tmp_path / "targets").glob("*.pt"))) == 2
+    fresh = TargetCache(tmp_path / "targets")  # as a later process would open it
+    again = fresh.get_many(model, tok, MORE[:2], TEMPLATES, arch.block_name(1), settings, arch)
+    assert (fresh.hits, fresh.misses) == (2, 0)
+    for a, b in zip(first, again):
+        assert torch.equal(a.delta, b.delta) and torch.equal(a.init, b.init) and a.steps == b.steps
+    with torch.no_grad():  # other weights: other keys, nothing read from disk
+        arch_w = model.get_submodule(arch.rewrite_name(0)).weight
+        arch_w.add_(0.01)
+    other = TargetCache(tmp_path / "targets")
+    other.get_many(model, tok, MORE[:1], TEMPLATES, arch.block_name(1), settings, arch)
+    assert (other.hits, other.misses) == (0, 1)
+
+
 def test_keys_of_a_batch_equal_each_requests_keys(tok, monkeypatch):
     from collapsediag.editors import keys as keys_mod
 

@@ -7,8 +7,11 @@ with Adam, early stop below 0.05, and ‖δ‖ clamped to clamp_norm_factor · �
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import os
+import pathlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -261,10 +264,34 @@ class TargetCache:
     while a cache is in use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
         self._store: dict[tuple, TargetResult] = {}
         self.hits = 0
         self.misses = 0
+        self.folder = pathlib.Path(folder) if folder is not None else None  # targets kept on disk as well
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: tuple) -> pathlib.Path:
+        return self.folder / (hashlib.sha1(repr(key).encode()).hexdigest() + ".pt")
+
+    def _load(self, key: tuple) -> TargetResult | None:
+        """The target stored on disk under ``key`` (another process's or an earlier sitting's), or None."""
+        if self.folder is None or not self._file(key).exists():
+            return None
+        saved = torch.load(self._file(key), map_location="cpu", weights_only=True)
+        if saved.pop("key") != repr(key):
+            return None
+        self._store[key] = TargetResult(**saved)
+        return self._store[key]
+
+    def _save(self, key: tuple, t: TargetResult) -> None:
+        if self.folder is None:
+            return
+        tmp = self._file(key).with_suffix(f".tmp{os.getpid()}")
+        torch.save({"key": repr(key), "init": t.init.detach().cpu(), "delta": t.delta.detach().cpu(), "steps": t.steps,
+                    "loss": t.loss, "nll": t.nll, "kl": t.kl, "mpes_step": t.mpes_step}, tmp)
+        os.replace(tmp, self._file(key))
 
     @staticmethod
     def state(model: nn.Module, arch: "ArchSpec") -> str:
@@ -291,15 +318,20 @@ class TargetCache:
         """The targets of ``reqs``: cached ones reused, the others optimised (together when ``batched``)."""
         state = self.state(model, arch)
         keys = [self.key(model, r, templates, module, settings, arch, state) for r in reqs]
-        missing = [(k, r) for k, r in zip(keys, reqs) if k not in self._store]
+        missing = [(k, r) for k, r in zip(keys, reqs) if k not in self._store and self._load(k) is None]
         self.hits += len(reqs) - len(missing)
         self.misses += len(missing)
         if missing:
             todo = [r for _, r in missing]
             got = optimise_targets(model, tok, todo, templates, module, settings, arch) if batched else \
                 [optimise_target(model, tok, r, templates, module, settings, arch) for r in todo]
-            self._store.update({k: t for (k, _), t in zip(missing, got)})
-        return [self._store[k] for k in keys]
+            for (k, _), t in zip(missing, got):
+                self._store[k] = t
+                self._save(k, t)
+        dev = next(model.parameters()).device
+        return [self._store[k] if self._store[k].init.device == dev else
+                dataclasses.replace(self._store[k], init=self._store[k].init.to(dev),
+                                    delta=self._store[k].delta.to(dev)) for k in keys]
 
 
 def target_for(model: nn.Module, tok: object, req: EditRequest, env: "EditEnv", module: str,
