@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The scale study: sequential batches of 100 over N CounterFact edits (counterfact-edit.json, file order,
 # unfiltered) per editor, a checkpoint every 200 edits with downstream sst2 and mmlu at n = 200.
+# Part b then runs finding (iii) at N = 1,024 (scripts/finding_iii.py: MEMIT and EMMET, arms A and B, two
+# orderings, layers 3-7 and one swept layer) before r-ROME.
 # Resumable: run it again and every run continues where it stopped. Two processes, one thread each:
 #   OMP_NUM_THREADS=1 scripts/scale_study.sh a &   OMP_NUM_THREADS=1 scripts/scale_study.sh b &
 set -u
@@ -31,5 +33,7 @@ if [ "$PART" = a ]; then
 else
   one alphaedit-b100 alphaedit 100 "$N" --layers 3 4 5 6 7
   one encore-b100 encore 100 "$N" --layers 3 4 5 6 7
+  python "$(dirname "$0")/finding_iii.py" --out "${III:-$HOME/collapsediag-runs/iii}" --data "$DATA"
+  echo "$(date -Is) finding_iii exit $?" >> "$OUT/log.txt"
   one r-rome-b1 r-rome 1 1000 --layers 5
 fi
