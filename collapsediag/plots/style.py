@@ -110,7 +110,7 @@ def edits_applied(edit_index: Any) -> Any:
 
 def edit_axis(ax: Axes, label: str = "edits applied") -> None:
     """An x axis of edits applied (``edits_applied``): integer ticks only, starting at 0 in every figure."""
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # at most ~6 ticks: no labels run together
     ax.set_xlim(left=0)
     ax.set_xlabel(label)
 
