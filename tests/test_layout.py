@@ -171,3 +171,19 @@ def test_analysis_imports_no_torch_and_no_plots():
 def test_no_module_over_400_lines(module):
     n = len(MODULES[module].read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{module}: {n} lines"
+
+
+OUTSIDE = [p for d in ("benchmarks", "scripts") for p in sorted((PACKAGE.parent / d).glob("*.py"))]
+
+
+@pytest.mark.parametrize("script", OUTSIDE, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmarks_and_scripts_import_only_the_package(script):
+    """A benchmark or script runs in an environment installed without [test]: it never imports tests/."""
+    names = set()
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    bad = sorted(names & {"tests", "conftest", "pytest"})
+    assert not bad, f"{script.name} imports {bad}"
