@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -39,3 +40,18 @@ def test_scale_report_of_two_tiny_runs(tok, tmp_path):
     assert set(warnings["fitted_on"]) == {"fit: memit, alphaedit, d4s", "fit: emmet, encore, r-rome"}
     assert (warnings["verdict"] == "too few checkpoints").all()
     assert (tmp_path / "fig" / "norm_growth.png").exists() and (tmp_path / "fig" / "forgetting.png").exists()
+
+    # A later sitting without one run's folder keeps that run's rows; --readme writes the table between markers.
+    shutil.rmtree(tmp_path / "scale" / "emmet-b2")
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n<!-- SCALE-TABLE -->\nold\n<!-- /SCALE-TABLE -->\nafter\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "scale_report.py"), "--runs",
+                          str(tmp_path / "scale"), "--out", str(tmp_path / "res"), "--figures", str(tmp_path / "fig"),
+                          "--readme", str(readme)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    again = pd.read_csv(tmp_path / "res" / "summary.csv")
+    assert sorted(again["run"]) == ["emmet-b2", "memit-b2"] and again["sitting"].notna().all()
+    assert set(pd.read_csv(tmp_path / "res" / "growth.csv")["run"]) == {"emmet-b2", "memit-b2"}
+    text = readme.read_text(encoding="utf-8")
+    assert "old" not in text and text.endswith("<!-- /SCALE-TABLE -->\nafter\n")
+    assert "| emmet-b2 | 8 (8) | too few checkpoints |" in text and "| memit-b2 | 8 (8) |" in text
