@@ -42,7 +42,7 @@ def tiny_model(vocab: int) -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # the local tokenizer's <|endoftext|>
     return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
 
 
