@@ -191,3 +191,16 @@ def test_plot_warnings_marks_a_disabling_edit_and_nothing_on_a_short_run(tmp_pat
     (short,) = plot_warnings(norm_run(tmp_path / "short", growth=0.0, n=30, spike=12))
     assert [line.get_label() for line in short.get_lines() if line.get_label()[0] != "_"] == [
         "first warning (update_ratio)"]
+
+
+def test_the_growth_rate_exists_for_batched_runs_whose_rows_are_a_batch_apart(tmp_path):
+    w = RunWriter.create(tmp_path / "b", {"editor": "memit", "arch": {}, "initial_weights": {}})
+    rows = [{"edit_index": e, "batch_index": b, "layer": 3, "weight_sigma1": 10.0 * np.exp(0.001 * e),
+             "weight_sigma1_ratio": np.exp(0.001 * e), "weight_fro": 30.0, "v_star_ratio": 1.0, "update_ratio": 0.1}
+            for b, e in enumerate(range(99, 1000, 100))]
+    w.append("edits", [{"edit_index": e, "batch_index": e // 100, "batch_size": 100, "case_id": f"c{e}",
+                        "status": "ok", "efficacy": True} for e in range(1000)])
+    w.append("layers", rows)
+    rate = warning_signals(load_run(tmp_path / "b"), window=20)["sigma1_growth_rate"][3]
+    assert np.isnan(rate.iloc[0]) and rate.iloc[1:].notna().all()
+    assert rate.iloc[1:].to_numpy() == pytest.approx(0.001, rel=1e-6)  # per edit, over the 100 edits between rows

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from collapsediag.analysis.trend import (FAMILIES, TOO_FEW, cross_fit, first_warning, fit_thresholds, run_onset,
-                                         score_warnings, signal_table)
+from collapsediag.analysis.trend import (FAMILIES, TOO_FEW, cross_fit, first_warning, fit_thresholds, onset_and_healthy,
+                                         run_onset, score_warnings, signal_table)
 from tests.test_early_warning import norm_run
 
 
@@ -70,3 +70,30 @@ def test_cross_fit_never_scores_a_run_with_its_own_thresholds(tmp_path):
     assert len(scores) == 4 * len(FAMILIES)
     with pytest.raises(ValueError, match="two groups"):
         cross_fit({"A": groups["A"]})
+
+
+def test_a_warning_at_the_onset_itself_is_late_and_the_fit_stops_at_the_last_healthy_checkpoint(tmp_path):
+    run = norm_run(tmp_path / "c", growth=0.0, onset=89, spike=90)  # the only signal jumps on the onset's edits
+    onset, healthy = onset_and_healthy(run)
+    assert isinstance(onset, int) and healthy < onset and healthy % 10 == 9  # a checkpoint before the onset
+    row = score_warnings([run], {"update_ratio": 1.0}, onsets={str(run.path): (90, 89)}).set_index("family")
+    hit = row.loc["collapsediag"]
+    assert hit["first_warning"] == 90 and hit["lead"] == 0 and hit["lead_healthy"] == -1 and hit["verdict"] == "late"
+    early = norm_run(tmp_path / "e", growth=0.0, onset=89, spike=60, seed=1)
+    hit = score_warnings([early], {"update_ratio": 1.0}, onsets={str(early.path): (90, 89)}).set_index("family")
+    assert hit.loc["collapsediag", "verdict"] == "in time" and hit.loc["collapsediag", "lead_healthy"] == 29
+    # fitting reads a collapsing run only up to its last healthy edit: the spike at 90 sets no threshold
+    th = fit_thresholds([run], onsets={str(run.path): (90, 89)})
+    assert th["update_ratio"] < 1.0
+
+
+def test_a_threshold_below_a_non_positive_peak_still_warns():
+    t = pd.DataFrame({"a": [-2.0, -0.5, -1.0]}, index=[0, 1, 2])
+    th = float(np.nextafter(-0.5, -np.inf))
+    assert first_warning(t, {"a": th}, ("a",)) == (1, "a")
+
+
+def test_cross_fit_refuses_groups_that_share_a_run(tmp_path):
+    shared = norm_run(tmp_path / "s", growth=0.0)
+    with pytest.raises(ValueError, match="share a run"):
+        cross_fit({"A": [shared], "B": [shared, norm_run(tmp_path / "t", growth=0.0, seed=1)]})

@@ -29,7 +29,8 @@ def warning_signals(run: Run, window: int = 20) -> pd.DataFrame:
     """Per edit (index) and layer (columns level 1): the early-warning signals, from ``run.layers``.
 
     sigma1_growth_rate is the slope of log σ₁(W) (log ‖W‖_F for runs without σ₁) per edit between each row and
-    the one ``window`` edits before; v_star_growth is v_star_ratio over its median in the first ``window`` edits.
+    the last row at least ``window`` edits before it (the first row while there is none; rows of batched runs
+    are a batch apart); v_star_growth is v_star_ratio over its median in the first ``window`` edits.
     """
     ly = run.layers.dropna(subset=["edit_index"]).sort_values(["layer", "edit_index"])
     frames = {}
@@ -38,7 +39,7 @@ def warning_signals(run: Run, window: int = 20) -> pd.DataFrame:
         sig = g["weight_sigma1"] if g["weight_sigma1"].notna().any() else g["weight_fro"]
         x = pd.Series(g.index.to_numpy(float), index=g.index)
         logs = np.log(sig.astype(float))
-        idx = x.searchsorted(x - window)  # first row at least `window` edits back
+        idx = np.maximum(x.searchsorted(x - window, side="right") - 1, 0)  # last row ≥ `window` edits back
         base = pd.Series(logs.to_numpy()[np.minimum(idx, len(x) - 1)], index=g.index)
         span = pd.Series(x.to_numpy() - x.to_numpy()[np.minimum(idx, len(x) - 1)], index=g.index)
         rate = ((logs - base) / span.where(span >= window / 2)).where(x >= x.iloc[0] + window / 2)
