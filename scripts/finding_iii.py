@@ -21,8 +21,9 @@ from collapsediag.stats import StatsCache
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "counterfact_mend" / "counterfact-edit.json"
 
 
-def report(out: pathlib.Path, n: int) -> dict:
-    """Every finished or partial layer set under ``out``: its arm table and the verdict."""
+def report(out: pathlib.Path, n: int, sizes: tuple[int, ...] = (16, 64, 256, 1024)) -> dict:
+    """Every finished or partial layer set under ``out``: its arm table and the verdict (``partial`` while a
+    batch size of ``sizes`` has no finished run)."""
     result = {"n": n, "sets": {}}
     for d in sorted(p for p in out.glob("*-L*") if p.is_dir()):
         runs = {f"{o.name}/{r.name}": load_run(r) for o in sorted(d.glob("order*")) for r in sorted(o.iterdir())
@@ -31,7 +32,7 @@ def report(out: pathlib.Path, n: int) -> dict:
         if not runs:
             continue
         table = arm_table(runs)
-        result["sets"][d.name] = {"runs": table.round(4).to_dict("records"), "verdict": finding_iii(table, n)}
+        result["sets"][d.name] = {"runs": table.round(4).to_dict("records"), "verdict": finding_iii(table, n, sizes)}
     if (out / "sweep.json").exists():
         result["layer_sweep"] = json.loads((out / "sweep.json").read_text())
     return result
@@ -51,15 +52,15 @@ def main() -> None:
     args = ap.parse_args()
     out = pathlib.Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     if args.report:
-        print(json.dumps(report(out, args.n), indent=1))
+        print(json.dumps(report(out, args.n, sizes), indent=1))
         return
     from collapsediag.models import load_model
 
     records = load_data(f"counterfact:{args.data}", args.n)
     model, tok = load_model("smollm2-135m")
     cache = StatsCache()
-    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     orders = tuple(int(k) for k in args.orderings.split(","))
     for editor in args.editors.split(","):
         sets = [[3, 4, 5, 6, 7]]
@@ -80,7 +81,7 @@ def main() -> None:
                        batch_sizes=sizes, orderings=orders, log=lambda m: print(time.strftime("%H:%M:%S"), m,
                                                                                 flush=True))
             print(f"{name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-            (out / "iii.json").write_text(json.dumps(report(out, args.n), indent=1))
+            (out / "iii.json").write_text(json.dumps(report(out, args.n, sizes), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Finding (iii)'s two arms on a tiny model: independent batches from W₀, accumulating batches, shared targets."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -38,6 +39,7 @@ def test_both_arms_share_w0_targets_and_score_as_the_seed(tok, tmp_path):
     assert a2.edits["case_id"].tolist() == [str(EIGHT[i]["case_id"]) for i in ordering(N, 1)]
     runs = batch_arms(model, tok, EIGHT, tmp_path / "iii", _setup(tmp_path), n=N, batch_sizes=(2, 8),
                       orderings=(0, 1), arms=("A", "B"))
+    assert all(torch.equal(w0[k], v) for k, v in model.state_dict().items())  # arm B puts W₀ back too
     assert runs["order0/armB-b8"] is runs["order0/armA-b8"]  # one batch of N is the same run in both arms
     b2 = runs["order0/armB-b2"]
     assert not b2.made_alone and b2.edits["batch_index"].max() == N // 2 - 1
@@ -49,7 +51,10 @@ def test_both_arms_share_w0_targets_and_score_as_the_seed(tok, tmp_path):
     assert t.loc[(t["arm"] == "B") & (t["batch_size"] == 2), "neighborhood_score_end"].notna().all()
     verdict = finding_iii(t, N)
     assert set(verdict["arm_a"]) == {2, 8} and verdict["arm_a"][2]["count"] == 2  # two orderings
-    assert verdict["reproduced"] in (True, False)
+    assert verdict["reproduced"] in (True, False) and verdict["reproduced_after_batch"] in (True, False)
+    assert set(verdict["arm_b_after_batch"]) == {2, 8} and verdict["partial"] is False
+    assert finding_iii(t, N, (2, 4, 8))["partial"] is True  # B = 4 has no run yet
+    assert finding_iii(t[t["arm"] == "A"], N)["reproduced"] is None  # no arm B: no verdict
     # a second call finds every run done and edits nothing
     before = {k: len(r.edits) for k, r in runs.items()}
     again = batch_arms(model, tok, EIGHT, tmp_path / "iii", _setup(tmp_path), n=N, batch_sizes=(2, 8),
@@ -70,3 +75,12 @@ def test_layer_sweep_picks_the_best_scoring_layer(tok, tmp_path):
     table, best = layer_sweep(model, tok, EIGHT, tmp_path / "sweep", _setup(tmp_path), [0, 1, 2], n=4)
     assert table["layer"].tolist() == [0, 1, 2] and best in (0, 1, 2)
     assert table.loc[table["layer"] == best, "score"].iloc[0] == table["score"].max()
+
+
+def test_a_layer_sweep_where_nothing_scored_says_so(tok, tmp_path, monkeypatch):
+    import collapsediag.experiments.batchsize as bs
+
+    nan = pd.DataFrame([{f"{k}_after_batch": float("nan") for k in bs.SCORES}])
+    monkeypatch.setattr(bs, "arm_table", lambda runs: nan)
+    with pytest.raises(CollapseDiagError, match="no layer of \\[0, 1\\] scored"):
+        layer_sweep(make_model("llama", len(tok)), tok, EIGHT, tmp_path / "sweep", _setup(tmp_path), [0, 1], n=2)

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
+from ..arch import arch_for, get_module, weight_matrix
 from ..editors import get_editor
 from ..editors.target import TargetCache
 from ..errors import CollapseDiagError
@@ -74,8 +76,11 @@ def arm_a(model: nn.Module, tok: object, records: list[dict[str, Any]], path: st
     shutil.rmtree(path, ignore_errors=True)  # unfinished: redone (its targets are on disk)
     s = setup.session(model, tok, path, {"mode": ALONE, "batch_size": batch_size, "arm": "A", "n_edits": len(records),
                   "note": "finding (iii) arm A: independent batches, each applied to W0 and undone"})
-    for i in range(0, len(records), batch_size):
-        s.edit_batch(records[i:i + batch_size])
+    try:
+        for i in range(0, len(records), batch_size):
+            s.edit_batch(records[i:i + batch_size])
+            s.restore()
+    finally:
         s.restore()
     return load_run(path)
 
@@ -93,7 +98,10 @@ def arm_b(model: nn.Module, tok: object, records: list[dict[str, Any]], path: st
     else:
         s = setup.session(model, tok, path, {"mode": "sequential-batch", "batch_size": batch_size, "arm": "B",
                                              "n_edits": n}, eval_every=n)
-    s.run(records[s.n_edits:], batch_size=batch_size, progress=False)
+    try:
+        s.run(records[s.n_edits:], batch_size=batch_size, progress=False)
+    finally:
+        s.restore()  # the next run starts from W₀ again
     return load_run(path)
 
 
@@ -121,6 +129,8 @@ def batch_arms(model: nn.Module, tok: object, records: list[dict[str, Any]], out
         raise CollapseDiagError(f"batch sizes {bad} do not divide N = {n}: every arm must total N edits")
     out = pathlib.Path(out)
     setup = dataclasses.replace(setup, targets=TargetCache(out / "targets"))
+    arch = arch_for(model)
+    w0 = {layer: weight_matrix(get_module(model, arch.rewrite_name(layer))).detach().clone() for layer in setup.layers}
     runs: dict[str, Run] = {}
     for arm in [a for a in ("A", "B") if a in arms]:
         for k in orderings:
@@ -134,7 +144,16 @@ def batch_arms(model: nn.Module, tok: object, records: list[dict[str, Any]], out
                 if log is not None:
                     log(f"{out.name}/{name}")
                 runs[name] = make(model, tok, recs, out / name, setup, b)
+                _check_w0(model, arch, w0, name)
     return runs
+
+
+def _check_w0(model: nn.Module, arch: Any, w0: dict[int, Any], name: str) -> None:
+    """Every run of finding (iii) starts from the unedited weights: stop if ``name`` left them edited."""
+    for layer, w in w0.items():
+        if not torch.equal(weight_matrix(get_module(model, arch.rewrite_name(layer))), w):
+            raise CollapseDiagError(f"finding (iii): run {name} left layer {layer} edited; the next run would not "
+                                    "start from the unedited weights")
 
 
 def arm_table(runs: dict[str, Run]) -> pd.DataFrame:
@@ -157,28 +176,38 @@ def arm_table(runs: dict[str, Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def finding_iii(table: pd.DataFrame, n: int) -> dict[str, Any]:
+def finding_iii(table: pd.DataFrame, n: int, expected_batch_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """The verdict on finding (iii) from ``arm_table`` rows of one editor and layer set.
 
     Reproduced when, in arm A, the neighborhood score (mean over orderings) falls as B grows (every step
-    down), and in arm B some B < N beats the single batch of N at the end. Gives the means and the
-    per-ordering range of each (arm, B)."""
+    down), and in arm B some B < N beats the single batch of N: ``reproduced`` reads arm B's N edits at the
+    end, ``reproduced_after_batch`` each batch right after it (the seed's measure). Gives the means and the
+    per-ordering range of each (arm, B); ``partial`` is True when some of ``expected_batch_sizes`` has no
+    finished run yet (the verdict then reads only what is there)."""
     def by_b(arm: str, col: str) -> pd.DataFrame:
         t = table[table["arm"] == arm]
         return t.groupby("batch_size")[col].agg(["mean", "min", "max", "count"])
 
     a = by_b("A", "neighborhood_score_after_batch")
     b_end = by_b("B", "neighborhood_score_end")
+    b_after = by_b("B", "neighborhood_score_after_batch")
     one = table[(table["batch_size"] == n)]
     single = float(one["neighborhood_score_after_batch"].mean()) if len(one) else float("nan")
     falls = bool(len(a) >= 2 and (np.diff(a["mean"].to_numpy()) < 0).all())
-    smaller = b_end[b_end.index < n]
-    beats = bool(len(smaller) and np.isfinite(single) and (smaller["mean"] > single).any())
+
+    def beats(t: pd.DataFrame) -> bool | None:
+        smaller = t[t.index < n]
+        return bool(np.isfinite(single) and (smaller["mean"] > single).any()) if len(smaller) else None
+
+    expected = set(expected_batch_sizes) if expected_batch_sizes else None
+    partial = expected is not None and not (expected <= set(a.index) and expected - {n} <= set(b_end.index))
+    end, after = beats(b_end), beats(b_after)
     return {"arm_a_falls_with_b": falls if len(a) >= 2 else None,
-            "arm_b_some_smaller_beats_single": beats if len(smaller) else None,
-            "reproduced": (falls and beats) if len(a) >= 2 and len(smaller) else None,
-            "arm_a": a.round(4).to_dict("index"), "arm_b_end": b_end.round(4).to_dict("index"),
-            "single_batch": single}
+            "arm_b_some_smaller_beats_single": end, "arm_b_after_batch_some_smaller_beats_single": after,
+            "reproduced": (falls and bool(end)) if len(a) >= 2 and end is not None else None,
+            "reproduced_after_batch": (falls and bool(after)) if len(a) >= 2 and after is not None else None,
+            "partial": partial, "arm_a": a.round(4).to_dict("index"), "arm_b_end": b_end.round(4).to_dict("index"),
+            "arm_b_after_batch": b_after.round(4).to_dict("index"), "single_batch": single}
 
 
 def layer_sweep(model: nn.Module, tok: object, records: list[dict[str, Any]], out: str | os.PathLike, setup: Setup,
@@ -197,4 +226,7 @@ def layer_sweep(model: nn.Module, tok: object, records: list[dict[str, Any]], ou
         hm = len(scores) / sum(1 / max(v, 1e-9) for v in scores) if all(np.isfinite(scores)) else float("nan")
         rows.append({"layer": layer, **{k: t[f"{k}_after_batch"] for k in SCORES}, "score": hm})
     table = pd.DataFrame(rows)
+    if table["score"].isna().all():
+        raise CollapseDiagError(f"layer sweep: no layer of {candidates} scored (every edit failed?), so none "
+                                "can be chosen")
     return table, int(table.loc[table["score"].idxmax(), "layer"])
