@@ -7,7 +7,8 @@ import torch
 from collapsediag.arch import arch_for
 from collapsediag.editors import get_editor, target
 from collapsediag.editors.prompts import stack_batches, target_batch
-from collapsediag.editors.target import TargetCache, TargetSettings, optimise_target, optimise_targets
+from collapsediag.editors.target import (CACHE_VERSION, TargetCache, TargetSettings, optimise_target,
+                                        optimise_targets)
 from collapsediag.recorder import Recorder
 from collapsediag.requests import EditRequest
 
@@ -146,3 +147,20 @@ def test_keys_of_a_batch_equal_each_requests_keys(tok, monkeypatch):
         assert b.keys.shape == (len(TEMPLATES), a.keys.shape[1])
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
     assert not torch.allclose(together[0].keys, together[1].keys)
+
+
+def test_the_disk_cache_key_holds_the_model_the_mode_and_the_version(tok, tmp_path):
+    model = make_model("llama", len(tok))
+    arch = arch_for(model)
+    settings = TargetSettings(steps=3)
+    TargetCache(tmp_path / "t").get_many(model, tok, MORE[:1], TEMPLATES, arch.block_name(1), settings, arch)
+    one_at_a_time = TargetCache(tmp_path / "t")
+    one_at_a_time.get_many(model, tok, MORE[:1], TEMPLATES, arch.block_name(1), settings, arch, batched=False)
+    assert (one_at_a_time.hits, one_at_a_time.misses) == (0, 1)
+    with torch.no_grad():  # a weight no editor rewrites (the embeddings): another model, nothing reused
+        model.get_input_embeddings().weight.mul_(1.5)
+    other = TargetCache(tmp_path / "t")
+    other.get_many(model, tok, MORE[:1], TEMPLATES, arch.block_name(1), settings, arch)
+    assert (other.hits, other.misses) == (0, 1)
+    key = other.key(model, MORE[0], TEMPLATES, arch.block_name(1), settings, arch)
+    assert key[0] == CACHE_VERSION

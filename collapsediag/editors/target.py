@@ -21,6 +21,7 @@ from torch import nn
 
 from ..arch import get_module, n_layers, weight_matrix
 from ..errors import EditError, HParamError
+from ..models import model_fingerprint
 from ..requests import EditRequest
 from .prompts import KL_PROMPT, StackedBatch, TargetBatch, kept_positions, stack_batches, target_batch
 from .suffix import target_forward
@@ -36,6 +37,9 @@ EARLY_STOP = 5e-2
 # (SmolLM2, 22 prompts: 0.42 s a step in one pass, 0.76 s in three); more rows than this are split to bound memory.
 # 32 MEMIT requests (224 rows) on SmolLM2: 102.7 s in passes of 32 rows, 84.4 s of 64, 106.5 s of 128.
 ROWS_PER_PASS = 64
+# Part of every TargetCache key: raise it whenever the optimisation's result changes, so targets stored on disk
+# by an earlier version are optimised again instead of reused.
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -303,10 +307,13 @@ class TargetCache:
         return digest.hexdigest()
 
     def key(self, model: nn.Module, req: EditRequest, templates: list[str], module: str,
-            settings: TargetSettings, arch: "ArchSpec", state: str | None = None) -> tuple:
-        """The cache key of one request's target in the model's current state."""
-        return (str(req.case_id), req.subject, req.prompt, req.target_new, module, repr(settings), tuple(templates),
-                state or self.state(model, arch))
+            settings: TargetSettings, arch: "ArchSpec", state: str | None = None, batched: bool = True) -> tuple:
+        """The cache key of one request's target in the model's current state: the request, the optimisation's
+        settings and templates, the model (``model_fingerprint``), every rewrite matrix bit for bit, whether
+        the batch was optimised together, and ``CACHE_VERSION`` (so an earlier optimiser's files on disk are
+        never reused)."""
+        return (CACHE_VERSION, str(req.case_id), req.subject, req.prompt, req.target_new, module, repr(settings),
+                tuple(templates), model_fingerprint(model), state or self.state(model, arch), bool(batched))
 
     def get(self, model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
             settings: TargetSettings, arch: "ArchSpec") -> TargetResult:
@@ -317,7 +324,7 @@ class TargetCache:
                  settings: TargetSettings, arch: "ArchSpec", batched: bool = True) -> list[TargetResult]:
         """The targets of ``reqs``: cached ones reused, the others optimised (together when ``batched``)."""
         state = self.state(model, arch)
-        keys = [self.key(model, r, templates, module, settings, arch, state) for r in reqs]
+        keys = [self.key(model, r, templates, module, settings, arch, state, batched) for r in reqs]
         missing = [(k, r) for k, r in zip(keys, reqs) if k not in self._store and self._load(k) is None]
         self.hits += len(reqs) - len(missing)
         self.misses += len(missing)
