@@ -29,7 +29,7 @@ def test_orthonormal_rows_are_sqrt2_apart():
 def test_matches_the_double_sum_in_chunks(s):
     w = torch.randn(13, 7, generator=torch.Generator().manual_seed(0))
     want = _brute(w, s)
-    assert hyperspherical_energy(w, s) == pytest.approx(want, rel=1e-6)  # float32 Gram
+    assert hyperspherical_energy(w, s) == pytest.approx(want, rel=1e-12)  # float32 input, float64 Gram
     assert hyperspherical_energy(w.double(), s) == pytest.approx(want, rel=1e-12)
     assert hyperspherical_energy(w.double(), s, chunk=4) == pytest.approx(want, rel=1e-12)
 
@@ -44,6 +44,16 @@ def test_row_scale_and_zero_rows_do_not_count():
     assert math.isnan(hyperspherical_energy(torch.ones(1, 4)))
     with pytest.raises(ValueError, match="s must be positive"):
         hyperspherical_energy(w, s=0)
+
+
+def test_a_nan_or_inf_gives_nan_and_nearly_parallel_rows_keep_their_distance():
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    for bad in (float("nan"), float("inf")):
+        broken = w.clone()
+        broken[2, 1] = bad
+        assert math.isnan(hyperspherical_energy(broken))
+    e = torch.tensor([[1.0, 0.0], [1.0, 1e-5]])  # 1e-5 apart on the sphere: float32's cosine would say 4.5e-4
+    assert hyperspherical_energy(e) == pytest.approx(1e5, rel=1e-3)
 
 
 def test_rows_pulled_together_raise_the_energy():

@@ -24,12 +24,14 @@ CHUNK = 1024  # rows of the Gram matrix computed at once
 def hyperspherical_energy(w: torch.Tensor, s: float = 1.0, chunk: int = CHUNK) -> float:
     """HE(W): the mean Riesz ``s``-energy of W's normalised rows (module docstring); NaN for fewer than two rows.
 
-    The Gram matrix is computed ``chunk`` rows at a time in W's precision (float32 at least) and summed in
-    float64, so memory stays O(chunk · n)."""
+    The Gram matrix is computed ``chunk`` rows at a time in float64 (nearly parallel rows keep their true
+    distance instead of float32's floor of about 5e-4), so memory stays O(chunk · n). A matrix holding a NaN
+    or an infinity has no energy: NaN."""
     if s <= 0:
         raise ValueError(f"s must be positive, got {s}")
-    w = w.detach()
-    w = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+    w = w.detach().double()
+    if not bool(torch.isfinite(w).all()):
+        return float("nan")
     norms = w.norm(dim=1)
     u = w[norms > 0] / norms[norms > 0, None]
     n = u.shape[0]
@@ -37,7 +39,7 @@ def hyperspherical_energy(w: torch.Tensor, s: float = 1.0, chunk: int = CHUNK) -
         return float("nan")
     total = torch.zeros((), dtype=torch.float64, device=w.device)
     for i in range(0, n, chunk):
-        cos = (u[i:i + chunk] @ u.T).double()
+        cos = u[i:i + chunk] @ u.T
         dist = (2.0 - 2.0 * cos).clamp_min(MIN_DISTANCE ** 2).sqrt()
         rows = torch.arange(i, min(i + chunk, n), device=w.device)
         dist[torch.arange(len(rows), device=w.device), rows] = float("inf")  # no self pairs
