@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from collapsediag import EditSession, get_editor, load_run
 from collapsediag.errors import CollapseDiagError
@@ -96,6 +97,27 @@ def test_the_guard_row_is_saved_even_when_the_update_fails(tiny, env_for, tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "run" / "guard.jsonl").read_text().splitlines()]
     assert [r["edit_index"] for r in rows] == [0] and math.isfinite(rows[0]["denominator"])
     assert "singular matrix" in load_run(tmp_path / "run").edits["status"].iloc[0]
+
+
+def test_a_guard_that_cannot_read_fails_the_batch_on_its_rows_and_the_run_goes_on(tiny, env_for, tmp_path,
+                                                                                   monkeypatch):
+    model, tok = tiny
+    env = env_for(model, [1], tmp_path)
+    guard = Guard("warn")
+    s = _session(model, tok, env, tmp_path, guard)
+    w = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(*a, **k):
+        raise RuntimeError("no statistics for layer 1")
+
+    monkeypatch.setattr(Guard, "screen", boom)
+    s.edit(GOOD[0])
+    monkeypatch.undo()
+    s.edit(GOOD[1])  # the next edit is guarded and made as usual
+    edits = load_run(tmp_path / "run").edits
+    assert "the guard could not read the key geometry: no statistics for layer 1" in edits["status"].iloc[0]
+    assert edits["status"].iloc[1] == "ok" and len(s.guard_rows) == 1 and s.guard_rows[0]["edit_index"] == 1
+    assert not all(torch.equal(w[k], v) for k, v in model.state_dict().items())  # only the second edit changed W
 
 
 def test_resume_keeps_the_guard_and_its_rows(tiny, env_for, tmp_path):

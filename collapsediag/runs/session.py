@@ -235,7 +235,13 @@ class EditSession:
         """The guard's rows for the requests about to be edited, saved before the update; the requests kept."""
         if self.guard is None or not todo:
             return todo
-        rows = self.guard.screen(self, [(row["edit_index"], q) for row, q in todo])
+        try:
+            rows = self.guard.screen(self, [(row["edit_index"], q) for row, q in todo])
+        except (CollapseDiagError, ValueError, RuntimeError) as exc:  # the batch fails on its rows, the run goes on
+            for row, _ in todo:
+                self._fail(row, CollapseDiagError(f"the guard could not read the key geometry: {exc}"), None,
+                           row["edit_index"])
+            return []
         self.guard_rows.extend(rows)
         if self.writer is not None:
             self.writer.append("guard", rows)
