@@ -7,7 +7,8 @@ checkpoint's retention, perplexity ratio, downstream accuracy, ‖W‖_F and σ�
 checkpoints.csv, downstream.csv, growth.csv (‖W‖₁, ‖W‖_F and σ₁ per 100 edits, largest layer) and
 warnings.csv (trend warnings fitted on half the editors and scored on the other half, both ways, beside ‖W‖
 growth and hyperspherical energy). ``--energy`` replays each run on the embedded model for the energy of runs
-that did not record it. Figures (write_figures) under --figures.
+that did not record it. Figures (write_figures) of the runs under --figures, and scale.png (``plot_scale``)
+drawn from the compact tables, so it holds the runs of earlier sittings too.
 
 The runs of one sitting do not outlive it on every machine, so the compact tables accumulate: rows of a run
 that is not under --runs are kept from the tables already in --out (column ``sitting``: the date its last
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from collapsediag.analysis import TOO_FEW, collapse_phases, cross_fit
-from collapsediag.plots import write_figures
+from collapsediag.plots import plot_scale, write_figure, write_figures
 from collapsediag.runs.store import load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -151,6 +152,9 @@ def main() -> None:
         scores.assign(run=scores["run"].map(lambda p: pathlib.Path(p).name)).to_csv(out / "warnings.csv", index=False)
         (out / "thresholds.json").write_text(json.dumps(fitted, indent=1) + "\n")
     write_figures(list(runs.values()), args.figures)
+    tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("checkpoints", "downstream", "growth")}
+    write_figure(lambda: plot_scale(tables["checkpoints"], tables["downstream"], tables["growth"]),
+                 pathlib.Path(args.figures) / "scale")
     summary = pd.read_csv(out / "summary.csv")
     if args.readme:
         write_readme(pathlib.Path(args.readme), findings_table(summary))

@@ -40,6 +40,7 @@ def test_scale_report_of_two_tiny_runs(tok, tmp_path):
     assert set(warnings["fitted_on"]) == {"fit: memit, alphaedit, d4s", "fit: emmet, encore, r-rome"}
     assert (warnings["verdict"] == "too few checkpoints").all()
     assert (tmp_path / "fig" / "norm_growth.png").exists() and (tmp_path / "fig" / "forgetting.png").exists()
+    assert (tmp_path / "fig" / "scale.png").exists()
 
     # A later sitting without one run's folder keeps that run's rows; --readme writes the table between markers.
     shutil.rmtree(tmp_path / "scale" / "emmet-b2")

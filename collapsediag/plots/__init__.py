@@ -1,5 +1,6 @@
 """Figures of saved runs (DESIGN.md §6) and of a pre-edit risk scan (``collapsediag.signals.scan``), one module per
-figure family: ``norms``, ``forgetting``, ``geometry``, ``perplexity``, ``risk`` and ``downstream``; ``style`` holds
+figure family: ``norms``, ``forgetting``, ``geometry``, ``perplexity``, ``risk``, ``downstream`` and ``scale`` (the
+scale study from its compact tables); ``style`` holds
 what they share and ``figures`` writes them to files (the only module here that saves).
 
 Every ``plot_*`` takes runs (one or several, overlaid) and an optional ``ax``, never shows or saves
@@ -28,10 +29,11 @@ from .norms import (FAMILIES, NORM_UNITS, OTHER_FAMILY, editor_family, plot_norm
                     plot_norm_growth_by_family)
 from .perplexity import plot_perplexity
 from .risk import plot_risk_scan
+from .scale import plot_scale
 from .style import PAPER_RC, ROME_FAMILY, SIZE, edits_applied, paper_style, run_label
 
 __all__ = ["DENOMINATOR_PANELS", "FAMILIES", "FIXED_METADATA", "FORGETTING", "NORM_UNITS", "OTHER_FAMILY", "PAPER_RC",
            "ROME_FAMILY", "SIZE", "batch_table", "editor_family", "edits_applied", "paper_style", "plot_batch_neighborhood",
            "plot_denominator_vs_norm", "plot_downstream", "plot_forgetting", "plot_key_stats", "plot_norm_comparison",
-           "plot_norm_growth", "plot_norm_growth_by_family", "plot_perplexity", "plot_risk_scan", "plot_spectral",
+           "plot_norm_growth", "plot_norm_growth_by_family", "plot_perplexity", "plot_risk_scan", "plot_scale", "plot_spectral",
            "plot_warnings", "run_label", "write_figure", "write_figures"]
