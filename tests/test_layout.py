@@ -187,3 +187,15 @@ def test_benchmarks_and_scripts_import_only_the_package(script):
             names.add(node.module.split(".")[0])
     bad = sorted(names & {"tests", "conftest", "pytest"})
     assert not bad, f"{script.name} imports {bad}"
+
+
+# docs/ARCHITECTURE.md's "may import" column, floor by floor (module-level and function-level imports alike).
+MAY_IMPORT = {"core": {"core"}, "data": {"core", "data"}, "editors": {"core", "editors"},
+              "signals": {"core", "editors", "signals"}, "runs": {"core", "data", "editors", "signals", "runs"},
+              "analysis": {"core", "signals", "runs", "analysis"}}
+
+
+def test_each_floor_imports_only_what_the_architecture_page_allows():
+    bad = sorted({(src, dst) for src, dst, where, _ in ARROWS if where != "type_checking" and dst in MODULES
+                  and FLOORS[floor(src)] in MAY_IMPORT and FLOORS[floor(dst)] not in MAY_IMPORT[FLOORS[floor(src)]]})
+    assert not bad, bad

@@ -1,4 +1,4 @@
-"""The demo study: the papers' findings checked on one model and one fact set (issue 5, DESIGN.md §6).
+"""The demo study: the papers' findings checked on one model and one fact set.
 
 Runs sequential ROME, r-ROME, MEMIT and D4S, and MEMIT at larger batch sizes, on the same facts, then
 says for each finding whether the data reproduce it, with the numbers:

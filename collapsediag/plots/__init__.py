@@ -1,4 +1,4 @@
-"""Figures of saved runs (DESIGN.md §6) and of a pre-edit risk scan (``collapsediag.signals.scan``), one module per
+"""Figures of saved runs and of a pre-edit risk scan (``collapsediag.signals.scan``), one module per
 figure family: ``norms``, ``forgetting``, ``geometry``, ``perplexity``, ``risk``, ``downstream`` and ``scale`` (the
 scale study from its compact tables); ``style`` holds
 what they share and ``figures`` writes them to files (the only module here that saves).
