@@ -204,3 +204,16 @@ def test_the_growth_rate_exists_for_batched_runs_whose_rows_are_a_batch_apart(tm
     rate = warning_signals(load_run(tmp_path / "b"), window=20)["sigma1_growth_rate"][3]
     assert np.isnan(rate.iloc[0]) and rate.iloc[1:].notna().all()
     assert rate.iloc[1:].to_numpy() == pytest.approx(0.001, rel=1e-6)  # per edit, over the 100 edits between rows
+
+
+def test_a_perplexity_jump_in_a_run_of_batches_is_a_collapse_at_its_checkpoint(tmp_path):
+    from collapsediag.analysis import collapse_phases
+    from tests.test_analysis import rome_like_run
+
+    run = rome_like_run(tmp_path / "r", planted=11)
+    cfg = dict(run.config, batch_size=4)
+    RunWriter(run.path).write_config(cfg)
+    got = collapse_phases(load_run(run.path))
+    checks = run.evals["edit_index"]
+    assert got["shape"] == "perplexity jump" and got["catastrophic"] is True
+    assert got["onset"] == int(checks[checks >= 11].min())  # the checkpoint, not an edit picked by its update

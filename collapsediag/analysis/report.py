@@ -226,7 +226,7 @@ def phases_table(runs: list[Run], warns: dict[str, pd.DataFrame] | None = None) 
 
 def _phase_notes() -> list[str]:
     return [f"A disabling edit (perplexity x{COLLAPSE_RATIO:g} or more right after it) is a collapse at that edit "
-            f"(shape \"disabling edit\"); otherwise a verdict needs {MIN_CHECKPOINTS} checkpoints with "
+            f"(shape \"disabling edit\"; in a run of batches, at the checkpoint that measured it: \"perplexity jump\"); otherwise a verdict needs {MIN_CHECKPOINTS} checkpoints with "
             "retention, and a shorter run says \"too few checkpoints\".", RETENTION_NOTE]
 
 

@@ -126,7 +126,9 @@ def collapse_phases(run: Run, warnings: pd.DataFrame | None = None,
 
     A disabling edit (``disabling_edits``: perplexity ×``COLLAPSE_RATIO`` right after it) is a collapse at
     that edit: ``onset`` is the first one, ``shape`` "disabling edit", and the warnings are measured against it
-    (the gradual phase ends at the checkpoint before it). Otherwise a run with fewer than ``min_checkpoints``
+    (the gradual phase ends at the checkpoint before it). In a run of batches (batch size > 1) the edits of a
+    batch share one update, so no single edit is named: the onset is the checkpoint that measured the jump and
+    the shape "perplexity jump". Otherwise a run with fewer than ``min_checkpoints``
     retention checkpoints gets ``TOO_FEW`` in place of each verdict (onset, catastrophic, lead, collapse_lead,
     false_alarm), and a longer run gets ``forgetting_phases`` and ``warning_lead``'s."""
     warnings = early_warning(run) if warnings is None else warnings
@@ -135,8 +137,12 @@ def collapse_phases(run: Run, warnings: pd.DataFrame | None = None,
     dis = disabling_edits(run)
     if len(dis):
         onset, last_gradual = int(dis["edit_index"].iloc[0]), int(dis["first_edit"].iloc[0]) - 1
+        shape = "disabling edit"
+        if int(run.config.get("batch_size") or 1) > 1:  # edits in batches share their update: no one edit to name
+            checks = run.evals.dropna(subset=["perplexity"])["edit_index"]
+            onset, shape = int(checks[checks >= onset].min()), "perplexity jump"
         before = ev[ev["edit_index"] <= last_gradual]
-        phases = {"checkpoints": len(ev), "onset": onset, "catastrophic": True, "shape": "disabling edit",
+        phases = {"checkpoints": len(ev), "onset": onset, "catastrophic": True, "shape": shape,
                   "gradual_slope": slope(before["edit_index"].to_numpy(float), before["retention"].to_numpy(float))
                   if enough else None,
                   "retention_final": float(ev["retention"].iloc[-1]) if len(ev) else None,
