@@ -133,8 +133,9 @@ def main() -> None:
               "checkpoints": pd.concat([r.evals.assign(run=k) for k, r in runs.items()]),
               "downstream": pd.concat([r.downstream.assign(run=k) for k, r in runs.items()]),
               "growth": pd.DataFrame([x for k, r in runs.items() for x in growth_rows(r, k)])}
-    for name in TABLES:
-        keep_earlier(frames[name], out / f"{name}.csv").to_csv(out / f"{name}.csv", index=False)
+    tables = {name: keep_earlier(frames[name], out / f"{name}.csv") for name in TABLES}
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv", index=False)
     energy = {}
     if args.energy:
         from collapsediag.models import load_model
@@ -152,10 +153,9 @@ def main() -> None:
         scores.assign(run=scores["run"].map(lambda p: pathlib.Path(p).name)).to_csv(out / "warnings.csv", index=False)
         (out / "thresholds.json").write_text(json.dumps(fitted, indent=1) + "\n")
     write_figures(list(runs.values()), args.figures)
-    tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("checkpoints", "downstream", "growth")}
     write_figure(lambda: plot_scale(tables["checkpoints"], tables["downstream"], tables["growth"]),
                  pathlib.Path(args.figures) / "scale")
-    summary = pd.read_csv(out / "summary.csv")
+    summary = tables["summary"]
     if args.readme:
         write_readme(pathlib.Path(args.readme), findings_table(summary))
     print(summary.to_string(index=False))

@@ -299,8 +299,9 @@ class TargetCache:
 
     @staticmethod
     def state(model: nn.Module, arch: "ArchSpec") -> str:
-        """Hash of the rewrite-module weights of every layer."""
-        digest = hashlib.sha1()
+        """Hash of the model's identity (``model_fingerprint``) and of the rewrite-module weights of every
+        layer, bit for bit."""
+        digest = hashlib.sha1(model_fingerprint(model).encode())
         for layer in range(n_layers(model, arch)):
             w = weight_matrix(get_module(model, arch.rewrite_name(layer))).detach()
             digest.update(w.cpu().contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bit for bit
@@ -309,11 +310,11 @@ class TargetCache:
     def key(self, model: nn.Module, req: EditRequest, templates: list[str], module: str,
             settings: TargetSettings, arch: "ArchSpec", state: str | None = None, batched: bool = True) -> tuple:
         """The cache key of one request's target in the model's current state: the request, the optimisation's
-        settings and templates, the model (``model_fingerprint``), every rewrite matrix bit for bit, whether
-        the batch was optimised together, and ``CACHE_VERSION`` (so an earlier optimiser's files on disk are
-        never reused)."""
+        settings and templates, the model and its rewrite matrices (``state``, computed once per batch by the
+        caller), whether the batch was optimised together, and ``CACHE_VERSION`` (so an earlier optimiser's
+        files on disk are never reused)."""
         return (CACHE_VERSION, str(req.case_id), req.subject, req.prompt, req.target_new, module, repr(settings),
-                tuple(templates), model_fingerprint(model), state or self.state(model, arch), bool(batched))
+                tuple(templates), state or self.state(model, arch), bool(batched))
 
     def get(self, model: nn.Module, tok: object, req: EditRequest, templates: list[str], module: str,
             settings: TargetSettings, arch: "ArchSpec") -> TargetResult:
